@@ -1,0 +1,1145 @@
+"""broker: a real-time backend-as-a-service in one file.
+
+Create users, log in for a JWT, insert events, and every subscriber of the same tenant
+receives them over Server-Sent Events. A new subscriber first gets the latest value of
+every event of its tenant (or, resuming with Last-Event-ID, everything it missed).
+
+Reading order, top to bottom, follows a request:
+  configuration -> HTTP framing (Connection, on h11) -> routing and handlers (App)
+  -> authentication (Auth) -> storage (store.py) -> fan-out to subscribers (Hub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import argon2
+import h11
+import jwt
+
+from store import Event, Store, StoreError, User, UsernameTaken
+
+log = logging.getLogger("broker")
+
+DEFAULT_ADMIN_TOKEN = "letmein"
+MAX_HEADER_BYTES = 16 * 1024
+SYNC_PAGE = 1000  # events read per query when replaying a backlog
+JWT_ISSUER = "Broker"
+
+# ---------------------------------------------------------------------------------------
+# Configuration: every option is a flag and an environment variable BROKER_<NAME>.
+# ---------------------------------------------------------------------------------------
+
+OPTIONS: list[tuple[str, type, Any, str]] = [
+    ("host", str, "0.0.0.0", "address to listen on"),
+    ("port", int, 8080, "port to listen on; 0 picks a free one"),
+    ("db", str, "broker.db", "path of the SQLite database file"),
+    ("admin_token", str, DEFAULT_ADMIN_TOKEN,
+     "token that create_user and the other admin endpoints require; change it"),
+    ("jwt_secret", str, None,
+     "HS256 secret for JWTs; when not given, a random one is made once and kept in the db"),
+    ("jwt_expiry", int, 86400, "JWT lifetime in seconds"),
+    ("origin", str, "*", "value of Access-Control-Allow-Origin (CORS)"),
+    ("cert_path", str, None, "TLS certificate chain (PEM); with --key_path, serve HTTPS"),
+    ("key_path", str, None, "TLS private key (PEM)"),
+    ("log_level", str, "info", "debug, info, warning or error"),
+    ("log_format", str, "text", "text, or json for log shippers"),
+    ("heartbeat", float, 15.0, "seconds between keep-alive comments on idle streams"),
+    ("max_buffer", int, 1 << 20, "unsent bytes a subscriber may lag before it is cut off"),
+    ("max_body", int, 1 << 20, "largest request body in bytes"),
+    ("request_timeout", float, 10.0, "seconds a client has to send a whole request"),
+    ("idle_timeout", float, 60.0, "seconds an idle keep-alive connection is kept"),
+    ("max_connections", int, 10000, "connections served at once; more get 503"),
+    ("auth_failures", int, 20,
+     "failed logins per minute allowed for one username (three times that per address)"),
+    ("password_checker", bool, False,
+     "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="broker",
+        description="Real-time backend-as-a-service: users, JWT, events over SSE, on SQLite.",
+        epilog="Every option can also be set as an environment variable BROKER_<NAME>, "
+               "for example BROKER_ADMIN_TOKEN. Flags win over the environment.")
+    for name, kind, default, help_text in OPTIONS:
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        env = os.environ.get(f"BROKER_{name.upper()}")
+        if kind is bool:
+            on = env is not None and env.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(*flags, dest=name, action="store_true", default=on,
+                                help=help_text)
+            continue
+        shown = "" if default is None else f" (default: {default})"
+        # argparse converts a string default with `type`, so the env value is checked too.
+        parser.add_argument(*flags, dest=name, type=kind, metavar=name.upper(),
+                            default=env if env is not None else default, help=help_text + shown)
+    config = parser.parse_args(argv)
+    if bool(config.cert_path) != bool(config.key_path):
+        parser.error("--cert_path and --key_path go together")
+    if config.log_format not in ("text", "json"):
+        parser.error("--log_format is text or json")
+    return config
+
+
+class JSONLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: argparse.Namespace) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JSONLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Requests, responses and errors
+# ---------------------------------------------------------------------------------------
+
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+
+
+class HTTPError(Exception):
+    """Raised anywhere in a handler; becomes `{"error": message}` with this status."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    client: str
+    conn: Connection
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+STREAMING = Response(0)  # returned by a handler that has taken the connection over
+
+
+def reply(obj: Any, status: int = 200) -> Response:
+    return Response(status, compact_json(obj))
+
+
+def error_response(exc: HTTPError) -> Response:
+    return Response(exc.status, compact_json({"error": exc.message}), exc.headers)
+
+
+def compact_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(req: Request) -> dict[str, Any]:
+    """The body as a JSON object. A missing or odd Content-Type is forgiven when the body
+    parses as JSON (curl -d sends form encoding by default); otherwise 415 or 400."""
+    try:
+        body = json.loads(req.body, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        content_type = req.headers.get("content-type", "")
+        if content_type and "json" not in content_type.lower():
+            raise HTTPError(415, "the body must be JSON (Content-Type: application/json)")
+        raise HTTPError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    return body
+
+
+# -- field validation ----------------------------------------------------------------------
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s.]+$")
+
+
+def text_field(body: dict[str, Any], name: str, *, max_len: int = 64,
+               required: bool = True) -> str | None:
+    """A non-empty string of at most max_len characters without control characters."""
+    if name not in body and not required:
+        return None
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} is required and must be a string")
+    if not 1 <= len(value) <= max_len:
+        raise HTTPError(400, f"{name} must be 1 to {max_len} characters")
+    if CONTROL_CHARS.search(value):
+        raise HTTPError(400, f"{name} must not contain control characters")
+    return value
+
+
+def password_field(body: dict[str, Any], checker: Callable[[str], str | None] | None,
+                   required: bool = True) -> str | None:
+    if "password" not in body and not required:
+        return None
+    value = body.get("password")
+    if not isinstance(value, str):
+        raise HTTPError(400, "password is required and must be a string")
+    if not 8 <= len(value) <= 1024:
+        raise HTTPError(400, "password must be 8 to 1024 characters")
+    problem = checker(value) if checker else None
+    if problem:
+        raise HTTPError(400, f"password is too weak: {problem}")
+    return value
+
+
+def email_field(body: dict[str, Any]) -> str | None:
+    value = body.get("email")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 254 or not EMAIL.match(value):
+        raise HTTPError(400, "email must be a valid address or null")
+    return value
+
+
+def scopes_field(body: dict[str, Any]) -> list[str]:
+    value = body.get("scopes")
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise HTTPError(400, "scopes must be a list of strings")
+    for scope in value:
+        # Scopes travel in the JWT joined by commas, so a comma would split one in two.
+        if not 1 <= len(scope) <= 256 or "," in scope or CONTROL_CHARS.search(scope):
+            raise HTTPError(400, "each scope must be 1 to 256 characters, without commas")
+    return value
+
+
+def event_name_field(body: dict[str, Any]) -> str:
+    # A CR or LF in the name would inject SSE fields into every subscriber's stream.
+    return text_field(body, "event", max_len=256)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# Fan-out: who listens to which tenant. Each committed event is encoded once, and the
+# same bytes go to every subscriber of its tenant with one transport.write each.
+# ---------------------------------------------------------------------------------------
+
+
+def sse_frame(event: Event) -> bytes:
+    return f"id:{event.id}\nevent:{event.event}\ndata:{event.data}\n\n".encode()
+
+
+def chunk(payload: bytes) -> bytes:
+    """HTTP/1.1 chunked framing around one payload."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+HEARTBEAT = b":\n\n"
+HEARTBEAT_CHUNK = chunk(HEARTBEAT)
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Tenant:
+    __slots__ = ("_snapshot", "live", "syncing")
+
+    def __init__(self) -> None:
+        self.live: set[Connection] = set()
+        # Subscribers still being sent their backlog: live events are held for them here.
+        self.syncing: dict[Connection, list[Event]] = {}
+        self._snapshot: tuple[Connection, ...] | None = None
+
+    def members(self) -> tuple[Connection, ...]:
+        # A tuple, rebuilt only when membership changes, so a subscriber can be dropped
+        # while an event is being written out.
+        if self._snapshot is None:
+            self._snapshot = tuple(self.live)
+        return self._snapshot
+
+    def write(self, payload: bytes) -> None:
+        framed = chunk(payload)
+        for conn in self.members():
+            conn.transport.write(framed if conn.chunked else payload)
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.tenants: dict[str, Tenant] = {}
+        self.by_user: dict[str, set[Connection]] = {}
+        self.slow_consumers_cut = 0
+
+    def publish(self, events: list[Event]) -> None:
+        """Called by the store after each commit, with its events in id order."""
+        by_tenant: dict[str, list[Event]] = {}
+        for event in events:
+            by_tenant.setdefault(event.tenant_name, []).append(event)
+        for name, batch in by_tenant.items():
+            tenant = self.tenants.get(name)
+            if tenant is None:
+                continue
+            for held in tenant.syncing.values():
+                held.extend(batch)
+            if tenant.live:
+                tenant.write(b"".join(sse_frame(event) for event in batch))
+
+    def join(self, conn: Connection) -> None:
+        """Start holding live events for a new subscriber while it syncs."""
+        tenant = self.tenants.setdefault(conn.tenant, Tenant())
+        tenant.syncing[conn] = []
+        self.by_user.setdefault(conn.username, set()).add(conn)
+
+    def go_live(self, conn: Connection, sent_upto: int) -> None:
+        """The backlog up to `sent_upto` is written: send what was held, then go live."""
+        tenant = self.tenants.get(conn.tenant)
+        if tenant is None or conn not in tenant.syncing:
+            return  # it went away meanwhile
+        held = [event for event in tenant.syncing.pop(conn) if event.id > sent_upto]
+        tenant.live.add(conn)
+        tenant._snapshot = None
+        if held:
+            conn.send_events(held)
+
+    def leave(self, conn: Connection) -> None:
+        tenant = self.tenants.get(conn.tenant)
+        if tenant is not None:
+            tenant.syncing.pop(conn, None)
+            if conn in tenant.live:
+                tenant.live.discard(conn)
+                tenant._snapshot = None
+            if not tenant.live and not tenant.syncing:
+                del self.tenants[conn.tenant]
+        users = self.by_user.get(conn.username)
+        if users is not None:
+            users.discard(conn)
+            if not users:
+                del self.by_user[conn.username]
+
+    def close_user(self, username: str) -> None:
+        for conn in list(self.by_user.get(username, ())):
+            conn.end_stream()
+
+    def close_all(self) -> None:
+        for users in list(self.by_user.values()):
+            for conn in list(users):
+                conn.end_stream()
+
+    def heartbeat(self) -> None:
+        for tenant in self.tenants.values():
+            for conn in tenant.members():
+                conn.transport.write(HEARTBEAT_CHUNK if conn.chunked else HEARTBEAT)
+
+    def count(self) -> int:
+        return sum(len(t.live) + len(t.syncing) for t in self.tenants.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Authentication: JWT (HS256) or Basic, against the stored user, which must not be revoked.
+# ---------------------------------------------------------------------------------------
+
+
+class Throttle:
+    """Counts failures per key in a one-minute window; over the limit, answer 429."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.failures: dict[str, tuple[int, float]] = {}
+
+    def check(self, key: str, limit: int) -> None:
+        count, since = self.failures.get(key, (0, 0.0))
+        wait = since + self.WINDOW - time.monotonic()
+        if count >= limit and wait > 0:
+            raise HTTPError(429, "too many failed attempts; try again later",
+                            [("retry-after", str(int(wait) + 1))])
+
+    def fail(self, key: str) -> None:
+        count, since = self.failures.get(key, (0, 0.0))
+        now = time.monotonic()
+        if now - since > self.WINDOW:
+            count, since = 0, now
+        self.failures[key] = (count + 1, since)
+
+    def forget_old(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, since) in self.failures.items() if now - since > self.WINDOW]:
+            del self.failures[key]
+
+
+class Auth:
+    """Users (cached: this process is the database's only writer), password hashing in a
+    bounded pool, JWTs, and a cache of verified Basic credentials."""
+
+    MAX_QUEUED_HASHES = 64
+
+    def __init__(self, store: Store, config: argparse.Namespace, jwt_secret: str) -> None:
+        self.store = store
+        self.config = config
+        self.jwt_secret = jwt_secret
+        self.users: dict[str, User] = {}
+        self.hasher = argon2.PasswordHasher()
+        # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2")
+        self.queued_hashes = 0
+        self.dummy_hash = self.hasher.hash(secrets.token_hex(8))
+        # Verified Basic credentials, as keyed hashes of (stored hash, password): a password
+        # change makes a new stored hash and so voids the entry. Never the plain password.
+        self.basic_key = secrets.token_bytes(32)
+        self.basic_verified: dict[str, bytes] = {}
+        self.throttle = Throttle()
+
+    # -- users ------------------------------------------------------------------------
+    async def user(self, username: str) -> User | None:
+        user = self.users.get(username)
+        if user is None:
+            user = await self.store.get_user(username)
+            if user is not None:
+                self.users[username] = user
+        return user
+
+    def remember(self, user: User) -> None:
+        self.users[user.username] = user
+        self.basic_verified.pop(user.username, None)
+
+    # -- passwords --------------------------------------------------------------------
+    async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
+        if self.queued_hashes >= self.MAX_QUEUED_HASHES:
+            raise HTTPError(503, "server busy hashing passwords; try again",
+                            [("retry-after", "1")])
+        self.queued_hashes += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, work, *args)
+        finally:
+            self.queued_hashes -= 1
+
+    async def hash(self, password: str) -> str:
+        return await self._in_pool(self.hasher.hash, password)
+
+    async def verify(self, password_hash: str, password: str) -> bool:
+        def check() -> bool:
+            try:
+                return self.hasher.verify(password_hash, password)
+            except argon2.exceptions.VerificationError:
+                return False
+            except argon2.exceptions.InvalidHashError:
+                return False
+        return await self._in_pool(check)
+
+    async def check_password(self, username: str, password: str, client: str) -> User:
+        """The user, if the password is right and the user not revoked; else 401 (or 429)."""
+        limit = self.config.auth_failures
+        self.throttle.check(f"user:{username}", limit)
+        self.throttle.check(f"addr:{client}", limit * 3)
+        user = await self.user(username)
+        # Verify against a dummy hash for unknown users, so timing does not reveal names.
+        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
+        if not ok or user is None or user.revoked:
+            self.throttle.fail(f"user:{username}")
+            self.throttle.fail(f"addr:{client}")
+            raise unauthorized("wrong username or password, or the user is revoked")
+        return user
+
+    def check_admin(self, body: dict[str, Any], client: str) -> None:
+        token = body.get("admin_token")
+        if not isinstance(token, str):
+            raise HTTPError(400, "admin_token is required and must be a string")
+        self.throttle.check(f"admin:{client}", self.config.auth_failures * 3)
+        if not hmac.compare_digest(token.encode(), self.config.admin_token.encode()):
+            self.throttle.fail(f"admin:{client}")
+            raise HTTPError(401, "wrong admin_token")
+
+    # -- tokens -----------------------------------------------------------------------
+    async def issue_jwt(self, user: User) -> str:
+        now = time.time()
+        if now < user.tokens_valid_after:
+            # The password changed this very second; tokens of this second are void.
+            await asyncio.sleep(user.tokens_valid_after - now)
+        issued = int(time.time())
+        claims = {"iat": issued, "exp": issued + self.config.jwt_expiry, "sub": user.username,
+                  "iss": JWT_ISSUER, "aud": ",".join(user.scopes)}
+        return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
+
+    async def authenticate(self, req: Request, token_in_query: bool = False) -> User:
+        header = req.headers.get("authorization")
+        if header is None and token_in_query and "access_token" in req.query:
+            header = "Bearer " + req.query["access_token"]
+        if not header:
+            raise unauthorized("missing Authorization header")
+        scheme, _, credentials = header.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            user = await self._from_jwt(credentials.strip())
+        elif scheme == "basic":
+            user = await self._from_basic(credentials.strip(), req.client)
+        else:
+            raise unauthorized("use Bearer or Basic authorization")
+        if user.revoked:
+            raise unauthorized("user is revoked")
+        return user
+
+    async def _from_jwt(self, token: str) -> User:
+        try:
+            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], issuer=JWT_ISSUER,
+                                options={"require": ["exp", "iat", "iss", "sub"],
+                                         "verify_aud": False})
+        except jwt.PyJWTError as exc:
+            raise unauthorized(f"invalid token: {exc}") from None
+        user = await self.user(str(claims["sub"]))
+        if user is None:
+            raise unauthorized("unknown user")
+        if claims["iat"] < user.tokens_valid_after:
+            raise unauthorized("token issued before the last password change")
+        return user
+
+    async def _from_basic(self, credentials: str, client: str) -> User:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise unauthorized("malformed Basic credentials") from None
+        username, colon, password = decoded.partition(":")  # the password may hold ':'
+        if not colon:
+            raise unauthorized("malformed Basic credentials")
+        user = await self.user(username)
+        if user is not None:
+            digest = hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
+                              hashlib.sha256).digest()
+            known = self.basic_verified.get(username)
+            if known is not None and hmac.compare_digest(known, digest):
+                return user
+        user = await self.check_password(username, password, client)
+        self.basic_verified[username] = hmac.new(
+            self.basic_key, f"{user.password_hash}\0{password}".encode(), hashlib.sha256).digest()
+        return user
+
+
+def unauthorized(message: str) -> HTTPError:
+    # Only a Bearer challenge: a Basic one would make browsers pop up a login dialog.
+    return HTTPError(401, message, [("www-authenticate", 'Bearer realm="broker"')])
+
+
+def weak_password_checker() -> Callable[[str], str | None]:
+    try:
+        from zxcvbn import zxcvbn
+    except ImportError:
+        raise SystemExit("--password_checker needs zxcvbn: pip install 'broker[passwords]'")
+
+    def check(password: str) -> str | None:
+        result = zxcvbn(password[:256])  # zxcvbn is slow on long input; 256 chars suffice
+        if result["score"] >= 3:
+            return None
+        feedback = result.get("feedback", {})
+        return feedback.get("warning") or " ".join(feedback.get("suggestions", [])) or \
+            "choose a longer, less common password"
+    return check
+
+
+# ---------------------------------------------------------------------------------------
+# The application: routes and handlers.
+# ---------------------------------------------------------------------------------------
+
+
+def user_object(user: User) -> dict[str, Any]:
+    return {"id": user.id, "password": "***", "revoked": user.revoked,
+            "tenant_name": user.tenant_name, "username": user.username, "email": user.email,
+            "scopes": user.scopes, "data": user.data}
+
+
+class App:
+    def __init__(self, config: argparse.Namespace) -> None:
+        self.config = config
+        self.hub = Hub()
+        self.connections: set[Connection] = set()
+        self.in_flight: set[asyncio.Task] = set()
+        self.password_checker = weak_password_checker() if config.password_checker else None
+        self.store: Store
+        self.auth: Auth
+        Handler = Callable[[Request], Awaitable[Response]]
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/": {"GET": self.health, "HEAD": self.health},
+            "/create_user": {"POST": self.create_user},
+            "/login": {"POST": self.login},
+            "/verify": {"GET": self.verify},
+            "/insert": {"POST": self.insert},
+            "/sse": {"GET": self.sse},
+            "/revoke_user": {"POST": self.revoke_user},
+            "/unrevoke_user": {"POST": self.unrevoke_user},
+            "/list_users": {"POST": self.list_users},
+            "/get_user": {"POST": self.get_user},
+            "/update_user": {"POST": self.update_user},
+        }
+
+    async def start(self) -> None:
+        self.store = await Store.open(self.config.db, self.hub.publish)
+        secret = self.config.jwt_secret
+        if not secret:
+            secret = await self.store.setting_or_default("jwt_secret", secrets.token_hex(32))
+        elif len(secret) < 32:
+            log.warning("--jwt_secret is short (%d characters); use 32 or more", len(secret))
+        self.auth = Auth(self.store, self.config, secret)
+        if self.config.admin_token == DEFAULT_ADMIN_TOKEN:
+            log.warning("!" * 72)
+            log.warning("!!  The admin token is the default %r: anyone can create users.",
+                        DEFAULT_ADMIN_TOKEN)
+            log.warning("!!  Set --admin_token or BROKER_ADMIN_TOKEN before going public.")
+            log.warning("!" * 72)
+
+    async def dispatch(self, req: Request) -> Response:
+        methods = self.routes.get(req.path)
+        if methods is None:
+            raise HTTPError(404, f"no such endpoint: {req.path}")
+        if req.method == "OPTIONS":
+            return Response(204, headers=[
+                ("access-control-allow-methods", "GET, POST, HEAD, OPTIONS"),
+                ("access-control-allow-headers", "authorization, content-type, last-event-id"),
+                ("access-control-max-age", "86400")])
+        handler = methods.get(req.method)
+        if handler is None:
+            allow = ", ".join([*methods, "OPTIONS"])
+            raise HTTPError(405, f"{req.method} is not allowed here", [("allow", allow)])
+        return await handler(req)
+
+    # -- public endpoints ---------------------------------------------------------------
+    async def health(self, req: Request) -> Response:
+        return reply({"status": "ok"})
+
+    async def create_user(self, req: Request) -> Response:
+        body = read_json(req)
+        self.auth.check_admin(body, req.client)
+        username = text_field(body, "username")
+        password = password_field(body, self.password_checker)
+        tenant = text_field(body, "tenant_name")
+        email = email_field(body)
+        scopes = scopes_field(body)
+        user = User(str(uuid.uuid4()), username, await self.auth.hash(password), False,  # type: ignore[arg-type]
+                    tenant, email, scopes, body.get("data"), 0)  # type: ignore[arg-type]
+        try:
+            await self.store.create_user(user)
+        except UsernameTaken:
+            raise HTTPError(400, "username already taken") from None
+        self.auth.remember(user)
+        return reply({"id": user.id})
+
+    async def login(self, req: Request) -> Response:
+        body = read_json(req)
+        username, password = body.get("username"), body.get("password")
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise HTTPError(400, "username and password are required strings")
+        if len(password) > 1024:
+            raise unauthorized("wrong username or password, or the user is revoked")
+        user = await self.auth.check_password(username, password, req.client)
+        return reply({"jwt": await self.auth.issue_jwt(user)})
+
+    # -- authenticated endpoints --------------------------------------------------------
+    async def verify(self, req: Request) -> Response:
+        user = await self.auth.authenticate(req)
+        return reply({"username": user.username, "tenant_name": user.tenant_name,
+                      "scopes": user.scopes})
+
+    async def insert(self, req: Request) -> Response:
+        user = await self.auth.authenticate(req)
+        body = read_json(req)
+        name = event_name_field(body)
+        if "data" not in body:
+            raise HTTPError(400, "data is required (any JSON value)")
+        data = compact_json(body["data"]).decode()
+        event = await self.store.insert_event(user.tenant_name, name, data)
+        return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
+
+    async def sse(self, req: Request) -> Response:
+        user = await self.auth.authenticate(req, token_in_query=True)
+        last_id = last_event_id(req)
+        conn = req.conn
+        conn.start_stream(user)
+        self.hub.join(conn)
+        try:
+            if last_id is None:
+                latest = await self.store.latest_events(user.tenant_name)
+                conn.send_events(latest)
+                sent_upto = max((event.id for event in latest), default=0)
+            else:
+                sent_upto = await self.replay(conn, user.tenant_name, last_id)
+            await conn.drained()
+        except (StoreError, ConnectionError, TimeoutError) as exc:
+            log.warning("stream for %s ended during sync: %s", user.username, exc)
+            conn.end_stream()
+            return STREAMING
+        self.hub.go_live(conn, sent_upto)
+        return STREAMING
+
+    async def replay(self, conn: Connection, tenant: str, after: int) -> int:
+        """Send every event of the tenant after `after`, page by page; return the last id."""
+        while True:
+            page = await self.store.events_after(tenant, after, SYNC_PAGE)
+            if page:
+                conn.send_events(page)
+                after = page[-1].id
+            if len(page) < SYNC_PAGE:
+                return after
+            await conn.drained()
+
+    # -- admin endpoints ----------------------------------------------------------------
+    async def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
+        body = read_json(req)
+        self.auth.check_admin(body, req.client)
+        username = body.get("username")
+        if not isinstance(username, str):
+            raise HTTPError(400, "username is required and must be a string")
+        return body, username
+
+    async def _change_user(self, username: str, changes: dict[str, Any]) -> User:
+        user = await self.store.update_user(username, changes)
+        if user is None:
+            raise HTTPError(404, f"no user named {username!r}")
+        self.auth.remember(user)
+        return user
+
+    async def revoke_user(self, req: Request) -> Response:
+        _, username = await self._admin_target(req)
+        await self._change_user(username, {"revoked": True})
+        self.hub.close_user(username)
+        return reply({"username": username, "revoked": True})
+
+    async def unrevoke_user(self, req: Request) -> Response:
+        _, username = await self._admin_target(req)
+        await self._change_user(username, {"revoked": False})
+        return reply({"username": username, "revoked": False})
+
+    async def list_users(self, req: Request) -> Response:
+        self.auth.check_admin(read_json(req), req.client)
+        return reply([user_object(user) for user in await self.store.list_users()])
+
+    async def get_user(self, req: Request) -> Response:
+        _, username = await self._admin_target(req)
+        user = await self.store.get_user(username)
+        if user is None:
+            raise HTTPError(404, f"no user named {username!r}")
+        return reply(user_object(user))
+
+    async def update_user(self, req: Request) -> Response:
+        body, username = await self._admin_target(req)
+        changes: dict[str, Any] = {}
+        if "tenant_name" in body:
+            changes["tenant_name"] = text_field(body, "tenant_name")
+        if "email" in body:
+            changes["email"] = email_field(body)
+        if "scopes" in body:
+            changes["scopes"] = scopes_field(body)
+        if "data" in body:
+            changes["data"] = body["data"]
+        password = password_field(body, self.password_checker, required=False)
+        if password is not None:
+            changes["password_hash"] = await self.auth.hash(password)
+            # Void every JWT issued up to and including this second.
+            changes["tokens_valid_after"] = int(time.time()) + 1
+        before = await self.auth.user(username)
+        user = await self._change_user(username, changes)
+        if password is not None or (before and before.tenant_name != user.tenant_name):
+            self.hub.close_user(username)  # they reconnect with the new state
+        return reply(user_object(user))
+
+
+def last_event_id(req: Request) -> int | None:
+    raw = req.headers.get("last-event-id", req.query.get("last_event_id"))
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise HTTPError(400, "Last-Event-ID must be a non-negative integer")
+    return int(raw)
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP/1.1 on h11. One Connection per socket: it parses requests, runs one handler at a
+# time (pipelined requests wait their turn), and, for /sse, turns into a raw stream.
+# ---------------------------------------------------------------------------------------
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "app",
+        "body",
+        "chunked",
+        "client",
+        "drain_waiter",
+        "http",
+        "reading",
+        "request",
+        "started",
+        "tenant",
+        "timer",
+        "transport",
+        "username",
+        "write_paused",
+    )
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        # h11's state; None once the connection is an event stream (it is no longer needed).
+        self.http: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.client = "?"
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading = False  # a request has begun arriving and is not complete
+        self.request: h11.Request | None = None
+        self.body = bytearray()
+        self.chunked = True
+        self.username = ""
+        self.tenant = ""
+        self.drain_waiter: asyncio.Future | None = None
+        self.write_paused = False
+        self.started = 0.0
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else "local"
+        self.app.connections.add(self)
+        if len(self.app.connections) > self.app.config.max_connections:
+            self.reject(503, "too many connections; try again", [("retry-after", "5")])
+            return
+        self.transport.set_write_buffer_limits(high=self.app.config.max_buffer)
+        self.arm_timer(self.app.config.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.http is None:
+            return  # an event stream: whatever the client sends now is of no interest
+        if not self.reading:
+            self.reading = True
+            self.arm_timer(self.app.config.request_timeout)
+        self.http.receive_data(data)
+        self.process()
+
+    def eof_received(self) -> bool:
+        if self.http is None:
+            return False  # a subscriber hung up: close our side too
+        self.http.receive_data(b"")
+        self.process()
+        return True  # keep our side open to answer a request that ended with the EOF
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.app.connections.discard(self)
+        self.disarm_timer()
+        if self.username:
+            self.app.hub.leave(self)
+        if self.drain_waiter and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionError("connection lost"))
+
+    def pause_writing(self) -> None:
+        # The kernel is not taking our bytes and the buffer passed --max_buffer.
+        tenant = self.app.hub.tenants.get(self.tenant) if self.username else None
+        if tenant is not None and self in tenant.live:
+            self.app.hub.slow_consumers_cut += 1
+            log.warning("cut off slow subscriber %s (%s): over %d unsent bytes",
+                        self.username, self.client, self.app.config.max_buffer)
+            self.app.hub.leave(self)
+            self.transport.abort()
+        else:
+            self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    # -- timers ---------------------------------------------------------------------------
+    def arm_timer(self, seconds: float) -> None:
+        self.disarm_timer()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self.timed_out)
+
+    def disarm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.reading:
+            self.reject(408, "request not received in time")
+        else:
+            self.transport.close()  # an idle keep-alive connection
+
+    # -- requests -------------------------------------------------------------------------
+    def process(self) -> None:
+        """Pull h11 events until a request is complete, more data is needed, or it failed.
+
+        Garbage from the client ends as RemoteProtocolError: answer it and close, since a
+        broken byte stream cannot be trusted to find the next request's start."""
+        assert self.http is not None
+        while True:
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.reject(exc.error_status_hint, f"bad request: {exc}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                if not self.start_request(event):
+                    return
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                if len(self.body) > self.app.config.max_body:
+                    self.reject(413, f"body over {self.app.config.max_body} bytes")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self.disarm_timer()
+                self.transport.pause_reading()  # one request at a time; pipelined ones wait
+                task = asyncio.ensure_future(self.respond())
+                self.app.in_flight.add(task)
+                task.add_done_callback(self.app.in_flight.discard)
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    def start_request(self, request: h11.Request) -> bool:
+        self.request = request
+        self.body = bytearray()
+        self.started = time.perf_counter()
+        length = dict(request.headers).get(b"content-length")
+        if length is not None and int(length) > self.app.config.max_body:
+            self.reject(413, f"body over {self.app.config.max_body} bytes")
+            return False
+        if self.http.they_are_waiting_for_100_continue:  # type: ignore[union-attr]
+            self.transport.write(self.http.send(  # type: ignore[union-attr]
+                h11.InformationalResponse(status_code=100, headers=[])))
+        return True
+
+    def make_request(self) -> Request:
+        assert self.request is not None
+        target = urlsplit(self.request.target.decode("ascii", "replace"))
+        headers: dict[str, str] = {}
+        for name, value in self.request.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
+                       dict(parse_qsl(target.query, keep_blank_values=True)), headers,
+                       bytes(self.body), self.client, self)
+
+    async def respond(self) -> None:
+        req = self.make_request()
+        try:
+            response = await self.app.dispatch(req)
+        except HTTPError as exc:
+            response = error_response(exc)
+        except StoreError as exc:
+            log.error("storage failure on %s %s: %s", req.method, req.path, exc)
+            response = reply({"error": "storage unavailable; try again"}, 503)
+            response.headers.append(("retry-after", "1"))
+        except Exception:
+            log.exception("unexpected error on %s %s", req.method, req.path)
+            response = reply({"error": "internal error"}, 500)
+        if response is STREAMING:
+            return
+        if self.http is None:  # a stream that failed before it began; nothing more to say
+            self.transport.close()
+            return
+        self.log_request(req.method, req.path, response.status)
+        self.send(req.method, response)
+
+    def log_request(self, method: str, path: str, status: int) -> None:
+        # Path only: a query string may hold an access_token.
+        millis = (time.perf_counter() - self.started) * 1000
+        log.info("%s %s %d %.1fms", method, path, status, millis,
+                 extra={"fields": {"method": method, "path": path, "status": status,
+                                   "ms": round(millis, 1), "client": self.client}})
+
+    def base_headers(self) -> list[tuple[str, str]]:
+        return [("access-control-allow-origin", self.app.config.origin)]
+
+    def send(self, method: str, response: Response) -> None:
+        if self.transport.is_closing():
+            return  # the client left while we worked
+        assert self.http is not None
+        headers = self.base_headers() + response.headers
+        if response.status != 204:
+            headers += [("content-type", "application/json"),
+                        ("content-length", str(len(response.body)))]
+        out = self.http.send(h11.Response(status_code=response.status, headers=headers,
+                                          reason=REASONS.get(response.status, "")))
+        if response.body and method != "HEAD":
+            out += self.http.send(h11.Data(data=response.body))
+        out += self.http.send(h11.EndOfMessage())
+        self.transport.write(out)
+        self.next_request()
+
+    def next_request(self) -> None:
+        assert self.http is not None
+        if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is not h11.DONE:
+            self.transport.close()
+            return
+        self.http.start_next_cycle()
+        self.reading = bool(self.http.trailing_data[0])
+        self.arm_timer(self.app.config.request_timeout if self.reading
+                       else self.app.config.idle_timeout)
+        self.transport.resume_reading()
+        self.process()
+
+    def reject(self, status: int, message: str,
+               headers: list[tuple[str, str]] | None = None) -> None:
+        """Answer with an error and close, outside h11's state machine: used when the byte
+        stream is broken, too slow, too big, or we are over capacity."""
+        self.disarm_timer()
+        if self.transport.is_closing():
+            return
+        body = compact_json({"error": message})
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+                "content-type: application/json", f"content-length: {len(body)}",
+                "connection: close", f"access-control-allow-origin: {self.app.config.origin}"]
+        head += [f"{name}: {value}" for name, value in headers or []]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self.transport.close()
+        path = self.request.target.split(b"?")[0].decode("ascii", "replace") \
+            if self.request else "-"
+        log.info("%s %s %d (closed)", self.request.method.decode() if self.request else "-",
+                 path, status)
+        self.http = None
+
+    # -- event streams --------------------------------------------------------------------
+    def start_stream(self, user: User) -> None:
+        """Send the stream's head; from now on the connection carries only SSE frames."""
+        assert self.http is not None and self.request is not None
+        headers = self.base_headers() + [
+            ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no")]
+        self.transport.write(self.http.send(h11.Response(status_code=200, headers=headers)))
+        # h11 picked the framing: chunked for HTTP/1.1 clients, close-delimited for 1.0.
+        self.chunked = self.http.their_http_version != b"1.0"
+        self.log_request("GET", "/sse", 200)
+        self.http = None
+        self.request = None
+        self.body = bytearray()
+        self.disarm_timer()
+        self.transport.resume_reading()  # to notice the client hanging up
+        self.username = user.username
+        self.tenant = user.tenant_name
+
+    def send_events(self, events: list[Event]) -> None:
+        payload = b"".join(sse_frame(event) for event in events)
+        if payload:
+            self.transport.write(chunk(payload) if self.chunked else payload)
+
+    async def drained(self, timeout: float = 30.0) -> None:
+        """Wait until the client has taken most of what we wrote (flow control for syncs)."""
+        if self.transport.is_closing():
+            raise ConnectionError("connection closed")
+        if not self.write_paused:
+            return
+        self.drain_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(self.drain_waiter, timeout)
+
+    def end_stream(self) -> None:
+        """Close a stream cleanly: the terminating chunk, then close after the buffer."""
+        self.app.hub.leave(self)
+        if not self.transport.is_closing():
+            if self.chunked:
+                self.transport.write(LAST_CHUNK)
+            self.transport.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Start, serve, stop.
+# ---------------------------------------------------------------------------------------
+
+
+async def heartbeats(app: App) -> None:
+    while True:
+        await asyncio.sleep(app.config.heartbeat)
+        app.hub.heartbeat()
+        app.auth.throttle.forget_old()
+
+
+def tls_context(config: argparse.Namespace) -> ssl.SSLContext | None:
+    if not config.cert_path:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.cert_path, config.key_path)
+    return context
+
+
+async def serve(config: argparse.Namespace) -> None:
+    app = App(config)
+    try:
+        await app.start()
+    except StoreError as exc:
+        log.error("%s", exc)
+        log.error("refusing to start: fix or move the database file (it was not changed)")
+        raise SystemExit(1) from None
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(app), config.host, config.port,
+                                      ssl=tls_context(config), backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    scheme = "https" if config.cert_path else "http"
+    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme, config.db)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    beat = asyncio.create_task(heartbeats(app))
+    await stop.wait()
+    log.info("shutting down")
+    beat.cancel()
+    await shutdown(app, server)
+    log.info("stopped")
+
+
+async def shutdown(app: App, server: asyncio.Server) -> None:
+    """Stop accepting, end streams cleanly, let requests in flight finish, close the db."""
+    server.close()
+    app.hub.close_all()
+    if app.in_flight:
+        await asyncio.wait(list(app.in_flight), timeout=3.0)
+    for conn in list(app.connections):
+        conn.transport.close()
+    await app.store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    setup_logging(config)
+    try:
+        import uvloop  # optional: the 'fast' extra
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        log.debug("using uvloop")
+        uvloop.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

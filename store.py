@@ -1,0 +1,354 @@
+"""SQLite storage for broker: users, the insert-only event log, and settings.
+
+Every SQL statement of the project lives in this file. broker.py sees only the `Store`
+class, whose coroutine methods are its whole interface, so another engine could stand in.
+
+Threads: one writer thread owns the only writing connection and commits in groups: every
+request queued while the previous commit was on disk goes into the next transaction, so
+durable (synchronous=FULL) writes do not cap throughput at one fsync per request. Reads run
+on a small pool of threads, each with its own read-only connection (WAL lets readers run
+beside the writer). The event loop only ever waits on futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    tenant_name TEXT NOT NULL,
+    email TEXT,
+    scopes TEXT NOT NULL,              -- JSON array of strings
+    data TEXT,                         -- JSON, or NULL
+    tokens_valid_after INTEGER NOT NULL DEFAULT 0  -- JWTs issued before this second are void
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,            -- rowid: increases with every insert, never reused
+    tenant_name TEXT NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT NOT NULL,                -- compact JSON, exactly as sent on the stream
+    timestamp INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_name, id);
+-- The newest event id per (tenant, event name), kept in the insert's own transaction, so
+-- the sync on connect reads one row per name instead of scanning the log.
+CREATE TABLE IF NOT EXISTS latest (
+    tenant_name TEXT NOT NULL,
+    event TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    PRIMARY KEY (tenant_name, event)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes, data, " \
+               "tokens_valid_after"
+UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
+             "tokens_valid_after")
+MAX_BATCH = 512  # requests sharing one transaction at most
+
+
+class StoreError(Exception):
+    """The database cannot do this now (disk full, locked, read-only, I/O error)."""
+
+
+class UsernameTaken(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class User:
+    id: str
+    username: str
+    password_hash: str
+    revoked: bool
+    tenant_name: str
+    email: str | None
+    scopes: list[str]
+    data: Any
+    tokens_valid_after: int
+
+
+@dataclass(slots=True)
+class Event:
+    id: int
+    tenant_name: str
+    event: str
+    data: str  # compact JSON text
+    timestamp: int
+
+
+def _user(row: tuple) -> User:
+    uid, username, pw_hash, revoked, tenant, email, scopes, data, valid_after = row
+    return User(uid, username, pw_hash, bool(revoked), tenant, email, json.loads(scopes),
+                None if data is None else json.loads(data), valid_after)
+
+
+def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}?mode=rwc"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+class _Job:
+    """One write queued for the writer thread; `run` gets the connection, returns a result."""
+
+    __slots__ = ("future", "result", "run")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future) -> None:
+        self.run = run
+        self.future = future
+        self.result: Any = None
+
+
+class Store:
+    """Open with `await Store.open(path, on_commit)`; `on_commit(events)` runs on the event
+    loop after each commit with the events it made durable, in id order, before any of the
+    inserting requests is answered."""
+
+    def __init__(self, path: str, on_commit: Callable[[list[Event]], None]) -> None:
+        self.path = path
+        self.on_commit = on_commit
+        self.loop = asyncio.get_running_loop()
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.local = threading.local()
+        self.readers = ThreadPoolExecutor(2, thread_name_prefix="store-read")
+        self.writer: threading.Thread | None = None
+        self.writer_conn: sqlite3.Connection | None = None
+        self.reader_conns: list[sqlite3.Connection] = []
+
+    @classmethod
+    async def open(cls, path: str, on_commit: Callable[[list[Event]], None]) -> Store:
+        """Create or check the database. Raises StoreError when it is corrupt or unreadable,
+        rather than silently starting over with an empty one."""
+        store = cls(path, on_commit)
+        try:
+            store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
+        except sqlite3.Error as exc:
+            store.readers.shutdown()
+            raise StoreError(f"cannot open database {path!r}: {exc}") from exc
+        store.writer = threading.Thread(target=store._write_loop, name="store-write",
+                                        daemon=True)
+        store.writer.start()
+        return store
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = _connect(self.path)
+        try:
+            conn.executescript(SCHEMA)
+            # Touch every table: a damaged file fails here, at start, not at the first request.
+            for table in ("users", "events", "latest", "settings"):
+                conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()
+            ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Finish the reads and writes under way, then close every connection."""
+        await self.loop.run_in_executor(None, self.readers.shutdown)
+        if self.writer is not None:
+            self.jobs.put(None)
+            await self.loop.run_in_executor(None, self.writer.join)
+            self.writer = None
+        for conn in self.reader_conns:
+            conn.close()
+
+    # -- writes: one thread, group commit -----------------------------------------------
+    async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        future = self.loop.create_future()
+        self.jobs.put(_Job(run, future))
+        return await future
+
+    def _write_loop(self) -> None:
+        conn = self.writer_conn
+        assert conn is not None
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.jobs.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            events, error = self._commit(conn, batch)
+            self.loop.call_soon_threadsafe(self._finish, batch, events, error)
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> tuple[list[Event], Any]:
+        """Run a batch in one transaction. A job's own failure (say a taken username) is
+        rolled back to its savepoint and stays its own; a failed commit fails them all."""
+        events: list[Event] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.run(conn)
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO job")
+                    job.result = exc
+                conn.execute("RELEASE job")
+                if isinstance(job.result, Event):
+                    events.append(job.result)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [], StoreError(str(exc))
+        return events, None
+
+    def _finish(self, batch: list[_Job], events: list[Event], error: Exception | None) -> None:
+        # Publish first, so subscribers hear of an event no later than its publisher does.
+        if events:
+            self.on_commit(events)
+        for job in batch:
+            if job.future.done():  # the request was cancelled (client went away)
+                continue
+            outcome = error or job.result
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    # -- reads: a small pool, one read-only connection per thread -----------------------
+    async def _read(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await self.loop.run_in_executor(self.readers, self._run_read, run)
+
+    def _run_read(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = getattr(self.local, "conn", None)
+        try:
+            if conn is None:
+                conn = self.local.conn = _connect(self.path, readonly=True)
+                self.reader_conns.append(conn)
+            return run(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    # -- settings -----------------------------------------------------------------------
+    async def setting_or_default(self, key: str, default: str) -> str:
+        """The stored value of `key`; stores `default` first when there is none."""
+        def run(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+                         (key, default))
+            return conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
+        return await self._write(run)
+
+    # -- users --------------------------------------------------------------------------
+    async def create_user(self, user: User) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO users ({USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (user.id, user.username, user.password_hash, int(user.revoked),
+                 user.tenant_name, user.email, json.dumps(user.scopes),
+                 None if user.data is None else json.dumps(user.data), user.tokens_valid_after))
+        try:
+            await self._write(run)
+        except sqlite3.IntegrityError:
+            raise UsernameTaken(user.username) from None
+
+    async def get_user(self, username: str) -> User | None:
+        def run(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE username = ?",
+                               (username,)).fetchone()
+            return _user(row) if row else None
+        return await self._read(run)
+
+    async def list_users(self) -> list[User]:
+        def run(conn: sqlite3.Connection) -> list[User]:
+            rows = conn.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY rowid").fetchall()
+            return [_user(row) for row in rows]
+        return await self._read(run)
+
+    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
+        """Apply `changes` (keys from UPDATABLE) and return the updated user, or None."""
+        unknown = set(changes) - set(UPDATABLE)
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        values = {k: _column_value(k, v) for k, v in changes.items()}
+
+        def run(conn: sqlite3.Connection) -> User | None:
+            if values:
+                assignments = ", ".join(f"{column} = ?" for column in values)
+                conn.execute(f"UPDATE users SET {assignments} WHERE username = ?",
+                             (*values.values(), username))
+            row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE username = ?",
+                               (username,)).fetchone()
+            return _user(row) if row else None
+        return await self._write(run)
+
+    # -- events -------------------------------------------------------------------------
+    async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
+        """Append an event; returns once it is committed (and published)."""
+        def run(conn: sqlite3.Connection) -> Event:
+            stamp = int(time.time())
+            cursor = conn.execute(
+                "INSERT INTO events (tenant_name, event, data, timestamp) VALUES (?, ?, ?, ?)",
+                (tenant_name, event, data, stamp))
+            event_id = cursor.lastrowid
+            conn.execute(
+                "INSERT INTO latest (tenant_name, event, event_id) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id",
+                (tenant_name, event, event_id))
+            return Event(event_id, tenant_name, event, data, stamp)
+        return await self._write(run)
+
+    async def latest_events(self, tenant_name: str) -> list[Event]:
+        """The newest event of each name in the tenant, oldest first."""
+        def run(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp FROM latest l "
+                "JOIN events e ON e.id = l.event_id WHERE l.tenant_name = ? ORDER BY e.id",
+                (tenant_name,)).fetchall()
+            return [Event(*row) for row in rows]
+        return await self._read(run)
+
+    async def events_after(self, tenant_name: str, after_id: int, limit: int) -> list[Event]:
+        """Up to `limit` events of the tenant with id > after_id, in id order."""
+        def run(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT id, tenant_name, event, data, timestamp FROM events "
+                "WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?",
+                (tenant_name, after_id, limit)).fetchall()
+            return [Event(*row) for row in rows]
+        return await self._read(run)
+
+
+def _column_value(column: str, value: Any) -> Any:
+    if column == "scopes":
+        return json.dumps(value)
+    if column == "data":
+        return None if value is None else json.dumps(value)
+    if column == "revoked":
+        return int(value)
+    return value
