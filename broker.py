@@ -158,6 +158,7 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
 
 
 STREAMING = Response(0)  # returned by a handler that has taken the connection over
@@ -291,10 +292,13 @@ class Tenant:
             self._snapshot = tuple(self.live)
         return self._snapshot
 
-    def write(self, payload: bytes) -> None:
+    def write(self, payload: bytes) -> int:
+        """Write one payload to every live member; return how many there were."""
         framed = chunk(payload)
-        for conn in self.members():
+        members = self.members()
+        for conn in members:
             conn.transport.write(framed if conn.chunked else payload)
+        return len(members)
 
 
 class Hub:
@@ -302,6 +306,7 @@ class Hub:
         self.tenants: dict[str, Tenant] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.slow_consumers_cut = 0
+        self.frames_delivered = 0
 
     def publish(self, events: list[Event]) -> None:
         """Called by the store after each commit, with its events in id order."""
@@ -315,7 +320,8 @@ class Hub:
             for held in tenant.syncing.values():
                 held.extend(batch)
             if tenant.live:
-                tenant.write(b"".join(sse_frame(event) for event in batch))
+                written = tenant.write(b"".join(sse_frame(event) for event in batch))
+                self.frames_delivered += written * len(batch)
 
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
@@ -568,6 +574,67 @@ def weak_password_checker() -> Callable[[str], str | None]:
 
 
 # ---------------------------------------------------------------------------------------
+# Metrics, in the Prometheus text format.
+# ---------------------------------------------------------------------------------------
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.events_inserted = 0
+        self.insert_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.insert_seconds = 0.0
+
+    def count_request(self, route: str, status: int) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_insert(self, seconds: float) -> None:
+        self.events_inserted += 1
+        self.insert_seconds += seconds
+        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound),
+                     len(LATENCY_BUCKETS))
+        self.insert_buckets[index] += 1
+
+    def render(self, app: App) -> str:
+        tenants = app.hub.tenants
+        lines = [
+            "# TYPE broker_open_connections gauge",
+            f"broker_open_connections {len(app.connections)}",
+            "# TYPE broker_sse_subscribers gauge",
+            f"broker_sse_subscribers {app.hub.count()}",
+            "# TYPE broker_sse_tenants gauge",
+            f"broker_sse_tenants {len(tenants)}",
+            "# TYPE broker_sse_tenant_subscribers gauge",
+            *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} '
+              f"{len(t.live) + len(t.syncing)}" for name, t in sorted(tenants.items())),
+            "# TYPE broker_events_inserted_total counter",
+            f"broker_events_inserted_total {self.events_inserted}",
+            "# TYPE broker_frames_delivered_total counter",
+            f"broker_frames_delivered_total {app.hub.frames_delivered}",
+            "# TYPE broker_slow_consumer_disconnects_total counter",
+            f"broker_slow_consumer_disconnects_total {app.hub.slow_consumers_cut}",
+            "# TYPE broker_requests_total counter",
+            *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
+              for (route, status), count in sorted(self.requests.items())),
+            "# TYPE broker_insert_duration_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.insert_buckets):
+            cumulative += count
+            lines.append(f'broker_insert_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines += [f"broker_insert_duration_seconds_sum {self.insert_seconds:.6f}",
+                  f"broker_insert_duration_seconds_count {self.events_inserted}"]
+        return "\n".join(lines) + "\n"
+
+
+def label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------------------------------
 # The application: routes and handlers.
 # ---------------------------------------------------------------------------------------
 
@@ -582,6 +649,7 @@ class App:
     def __init__(self, config: argparse.Namespace) -> None:
         self.config = config
         self.hub = Hub()
+        self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self.in_flight: set[asyncio.Task] = set()
         self.password_checker = weak_password_checker() if config.password_checker else None
@@ -600,6 +668,7 @@ class App:
             "/list_users": {"POST": self.list_users},
             "/get_user": {"POST": self.get_user},
             "/update_user": {"POST": self.update_user},
+            "/metrics": {"GET": self.metrics_page},
         }
 
     async def start(self) -> None:
@@ -676,7 +745,9 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        started = time.perf_counter()
         event = await self.store.insert_event(user.tenant_name, name, data)
+        self.metrics.observe_insert(time.perf_counter() - started)
         return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
 
     async def sse(self, req: Request) -> Response:
@@ -712,6 +783,17 @@ class App:
             await conn.drained()
 
     # -- admin endpoints ----------------------------------------------------------------
+    async def metrics_page(self, req: Request) -> Response:
+        """Prometheus metrics; the admin token goes in an `Authorization: Bearer` header."""
+        scheme, _, token = req.headers.get("authorization", "").partition(" ")
+        self.auth.throttle.check(f"admin:{req.client}", self.config.auth_failures * 3)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.config.admin_token.encode()):
+            self.auth.throttle.fail(f"admin:{req.client}")
+            raise unauthorized("metrics need the admin token as a Bearer token")
+        text = self.metrics.render(self)
+        return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
+
     async def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
         body = read_json(req)
         self.auth.check_admin(body, req.client)
@@ -975,6 +1057,8 @@ class Connection(asyncio.Protocol):
 
     def log_request(self, method: str, path: str, status: int) -> None:
         # Path only: a query string may hold an access_token.
+        route = path if path in self.app.routes else "other"
+        self.app.metrics.count_request(route, status)
         millis = (time.perf_counter() - self.started) * 1000
         log.info("%s %s %d %.1fms", method, path, status, millis,
                  extra={"fields": {"method": method, "path": path, "status": status,
@@ -989,7 +1073,7 @@ class Connection(asyncio.Protocol):
         assert self.http is not None
         headers = self.base_headers() + response.headers
         if response.status != 204:
-            headers += [("content-type", "application/json"),
+            headers += [("content-type", response.content_type),
                         ("content-length", str(len(response.body)))]
         out = self.http.send(h11.Response(status_code=response.status, headers=headers,
                                           reason=REASONS.get(response.status, "")))

@@ -1,0 +1,90 @@
+"""Operations: /metrics, structured logs, and the systemd unit."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, basic, bearer
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from:\n{text}"
+    return float(match.group(1))
+
+
+def test_metrics_needs_the_admin_token(server):
+    assert server.get("/metrics").status == 401
+    assert server.get("/metrics", headers=bearer("wrong")).status == 401
+    assert server.get("/metrics", headers=basic("admin", server.admin_token)).status == 401
+    resp = server.get("/metrics", headers=bearer(server.admin_token))
+    assert resp.status == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+
+
+def test_metrics_count_what_happened(server):
+    admin = bearer(server.admin_token)
+    alice = server.user("alice", tenant="red")
+    bob = server.user("bob", tenant="blue")
+    streams = [server.sse(alice), server.sse(alice), server.sse(bob)]
+    for i in range(3):
+        assert server.insert(alice, "tick", i).status == 200
+    for stream in streams[:2]:
+        assert [f.data for f in stream.take(3)] == ["0", "1", "2"]
+    server.get("/no-such-page")
+
+    text = server.get("/metrics", headers=admin).body.decode()
+    assert metric(text, "broker_sse_subscribers") == 3
+    assert metric(text, "broker_sse_tenants") == 2
+    assert metric(text, 'broker_sse_tenant_subscribers{tenant="red"}') == 2
+    assert metric(text, 'broker_sse_tenant_subscribers{tenant="blue"}') == 1
+    assert metric(text, "broker_events_inserted_total") == 3
+    assert metric(text, "broker_frames_delivered_total") == 6  # 3 events x 2 red streams
+    assert metric(text, 'broker_requests_total{route="/insert",status="200"}') == 3
+    assert metric(text, 'broker_requests_total{route="other",status="404"}') == 1
+    assert metric(text, 'broker_insert_duration_seconds_bucket{le="+Inf"}') == 3
+    assert metric(text, "broker_insert_duration_seconds_count") == 3
+    assert metric(text, "broker_open_connections") >= 3
+    assert metric(text, "broker_slow_consumer_disconnects_total") == 0
+    for stream in streams:
+        stream.close()
+
+
+def test_json_logs_are_one_object_per_line_without_secrets(make_server):
+    srv = make_server("--log_format", "json")
+    auth = srv.user("carol", password="s3cret-passw0rd")
+    srv.insert(auth, "e", {"x": 1})
+    stream = srv.sse(path="/sse?access_token=" + auth["Authorization"][7:])
+    assert stream.status == 200 and stream.next().event == "e"
+    stream.close()
+    srv.stop()
+    records = [json.loads(line) for line in srv.log_lines]
+    requests = [r for r in records if "status" in r]
+    assert {"method", "path", "status", "ms", "time", "level", "message"} <= set(requests[0])
+    assert {(r["method"], r["path"], r["status"]) for r in requests} >= {
+        ("POST", "/create_user", 200), ("POST", "/login", 200), ("POST", "/insert", 200)}
+    assert "s3cret-passw0rd" not in srv.log
+    assert auth["Authorization"][7:] not in srv.log
+    assert srv.admin_token not in srv.log
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_systemd_unit_verifies(tmp_path: Path):
+    # verify checks that ExecStart exists, so point it at this environment's broker script.
+    script = Path(sys.executable).parent / "broker"
+    assert script.exists(), "the broker console script is not installed in this environment"
+    unit = (ROOT / "broker.service").read_text()
+    assert "DynamicUser=yes" in unit and "StateDirectory=broker" in unit
+    assert "EnvironmentFile=" in unit and "Restart=on-failure" in unit
+    (tmp_path / "broker.service").write_text(
+        unit.replace("/usr/local/bin/broker", str(script)))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "broker.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "broker.service" not in result.stderr, result.stderr
