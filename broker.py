@@ -176,6 +176,9 @@ def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+LONE_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -192,6 +195,13 @@ def read_json(req: Request) -> dict[str, Any]:
         raise HTTPError(400, f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
+    if LONE_SURROGATE_ESCAPE.search(req.body):
+        # "\ud800" is valid JSON but no valid UTF-8 text: refuse it here, once, so no
+        # later encode (SQLite, Argon2, the stream) meets it.
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise HTTPError(400, "invalid Unicode: a lone surrogate escape") from None
     return body
 
 
@@ -915,7 +925,8 @@ class Connection(asyncio.Protocol):
             self.reject(503, "too many connections; try again", [("retry-after", "5")])
             return
         self.transport.set_write_buffer_limits(high=self.app.config.max_buffer)
-        self.arm_timer(self.app.config.idle_timeout)
+        # A new connection must start its request promptly: silent sockets cost a slot.
+        self.arm_timer(self.app.config.request_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.http is None:

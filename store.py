@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -53,6 +54,8 @@ CREATE TABLE IF NOT EXISTS latest (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+log = logging.getLogger("broker.store")
 
 USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes, data, " \
                "tokens_valid_after"
@@ -215,6 +218,11 @@ class Store:
                 except sqlite3.IntegrityError as exc:
                     conn.execute("ROLLBACK TO job")
                     job.result = exc
+                except sqlite3.Error:
+                    raise  # the database itself is in trouble: fail the whole batch
+                except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the writer
+                    conn.execute("ROLLBACK TO job")
+                    job.result = exc
                 conn.execute("RELEASE job")
                 if isinstance(job.result, Event):
                     events.append(job.result)
@@ -231,7 +239,10 @@ class Store:
     def _finish(self, batch: list[_Job], events: list[Event], error: Exception | None) -> None:
         # Publish first, so subscribers hear of an event no later than its publisher does.
         if events:
-            self.on_commit(events)
+            try:
+                self.on_commit(events)
+            except Exception:  # never leave the writers' requests unanswered
+                log.exception("publishing committed events failed")
         for job in batch:
             if job.future.done():  # the request was cancelled (client went away)
                 continue
