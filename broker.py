@@ -312,9 +312,14 @@ class Tenant:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, published_upto: int = 0) -> None:
         self.tenants: dict[str, Tenant] = {}
         self.by_user: dict[str, set[Connection]] = {}
+        # The newest event id handed to publish(). A backlog read can see a commit a moment
+        # before it is published; such a subscriber waits here (id it has been sent up to)
+        # until publish() catches up, or it would receive those events twice.
+        self.published_upto = published_upto
+        self.waiting: dict[Connection, int] = {}
         self.slow_consumers_cut = 0
         self.frames_delivered = 0
 
@@ -332,6 +337,10 @@ class Hub:
             if tenant.live:
                 written = tenant.write(b"".join(sse_frame(event) for event in batch))
                 self.frames_delivered += written * len(batch)
+        self.published_upto = events[-1].id
+        for conn, sent_upto in list(self.waiting.items()):
+            if sent_upto <= self.published_upto:
+                self.go_live(conn, sent_upto)
 
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
@@ -340,10 +349,14 @@ class Hub:
         self.by_user.setdefault(conn.username, set()).add(conn)
 
     def go_live(self, conn: Connection, sent_upto: int) -> None:
-        """The backlog up to `sent_upto` is written: send what was held, then go live."""
+        """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
         tenant = self.tenants.get(conn.tenant)
         if tenant is None or conn not in tenant.syncing:
             return  # it went away meanwhile
+        if sent_upto > self.published_upto:
+            self.waiting[conn] = sent_upto
+            return
+        self.waiting.pop(conn, None)
         held = [event for event in tenant.syncing.pop(conn) if event.id > sent_upto]
         tenant.live.add(conn)
         tenant._snapshot = None
@@ -351,6 +364,7 @@ class Hub:
             conn.send_events(held)
 
     def leave(self, conn: Connection) -> None:
+        self.waiting.pop(conn, None)
         tenant = self.tenants.get(conn.tenant)
         if tenant is not None:
             tenant.syncing.pop(conn, None)
@@ -661,7 +675,8 @@ class App:
         self.hub = Hub()
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
-        self.in_flight: set[asyncio.Task] = set()
+        self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)
+        self.stopping = False
         self.password_checker = weak_password_checker() if config.password_checker else None
         self.store: Store
         self.auth: Auth
@@ -683,6 +698,7 @@ class App:
 
     async def start(self) -> None:
         self.store = await Store.open(self.config.db, self.hub.publish)
+        self.hub.published_upto = await self.store.newest_event_id()
         secret = self.config.jwt_secret
         if not secret:
             secret = await self.store.setting_or_default("jwt_secret", secrets.token_hex(32))
@@ -767,29 +783,31 @@ class App:
         conn.start_stream(user)
         self.hub.join(conn)
         try:
+            # `covered`: the newest id in the database when the sync was read. Every event
+            # up to it was sent or is not wanted (superseded, or the client had it).
             if last_id is None:
-                latest = await self.store.latest_events(user.tenant_name)
+                latest, covered = await self.store.latest_events(user.tenant_name)
                 conn.send_events(latest)
-                sent_upto = max((event.id for event in latest), default=0)
             else:
-                sent_upto = await self.replay(conn, user.tenant_name, last_id)
+                covered = await self.replay(conn, user.tenant_name, last_id)
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
             conn.end_stream()
             return STREAMING
-        self.hub.go_live(conn, sent_upto)
+        self.hub.go_live(conn, covered)
         return STREAMING
 
     async def replay(self, conn: Connection, tenant: str, after: int) -> int:
-        """Send every event of the tenant after `after`, page by page; return the last id."""
+        """Send every event of the tenant after `after`, page by page. Returns the newest id
+        in the database at the last read."""
         while True:
-            page = await self.store.events_after(tenant, after, SYNC_PAGE)
+            page, newest = await self.store.events_after(tenant, after, SYNC_PAGE)
             if page:
                 conn.send_events(page)
                 after = page[-1].id
             if len(page) < SYNC_PAGE:
-                return after
+                return newest
             await conn.drained()
 
     # -- admin endpoints ----------------------------------------------------------------
@@ -1096,7 +1114,9 @@ class Connection(asyncio.Protocol):
 
     def next_request(self) -> None:
         assert self.http is not None
-        if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is not h11.DONE:
+        self.request = None
+        if (self.http.our_state is h11.MUST_CLOSE or self.http.their_state is not h11.DONE
+                or self.app.stopping):
             self.transport.close()
             return
         self.http.start_next_cycle()
@@ -1213,12 +1233,22 @@ async def serve(config: argparse.Namespace) -> None:
     log.info("stopped")
 
 
-async def shutdown(app: App, server: asyncio.Server) -> None:
-    """Stop accepting, end streams cleanly, let requests in flight finish, close the db."""
+async def shutdown(app: App, server: asyncio.Server, grace: float = 3.0) -> None:
+    """Stop accepting, end streams cleanly, let requests in flight finish, close the db.
+
+    A request is in flight from the moment its head arrived: a slow upload still gets its
+    answer, as long as it completes within the grace period."""
     server.close()
+    app.stopping = True
     app.hub.close_all()
-    if app.in_flight:
-        await asyncio.wait(list(app.in_flight), timeout=3.0)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for conn in list(app.connections):
+            if conn.request is None and conn.http is not None:
+                conn.transport.close()  # idle between requests
+        if not app.connections:
+            break
+        await asyncio.sleep(0.05)
     for conn in list(app.connections):
         conn.transport.close()
     await app.store.close()

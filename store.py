@@ -171,12 +171,14 @@ class Store:
     async def close(self) -> None:
         """Finish the reads and writes under way, then close every connection."""
         await self.loop.run_in_executor(None, self.readers.shutdown)
+        for conn in self.reader_conns:
+            conn.close()
+        # The writer closes last: the last connection to close checkpoints the WAL into the
+        # database file and removes it, which a read-only connection cannot do.
         if self.writer is not None:
             self.jobs.put(None)
             await self.loop.run_in_executor(None, self.writer.join)
             self.writer = None
-        for conn in self.reader_conns:
-            conn.close()
 
     # -- writes: one thread, group commit -----------------------------------------------
     async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -334,25 +336,43 @@ class Store:
             return Event(event_id, tenant_name, event, data, stamp)
         return await self._write(run)
 
-    async def latest_events(self, tenant_name: str) -> list[Event]:
-        """The newest event of each name in the tenant, oldest first."""
-        def run(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp FROM latest l "
-                "JOIN events e ON e.id = l.event_id WHERE l.tenant_name = ? ORDER BY e.id",
-                (tenant_name,)).fetchall()
-            return [Event(*row) for row in rows]
+    async def newest_event_id(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         return await self._read(run)
 
-    async def events_after(self, tenant_name: str, after_id: int, limit: int) -> list[Event]:
-        """Up to `limit` events of the tenant with id > after_id, in id order."""
-        def run(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT id, tenant_name, event, data, timestamp FROM events "
-                "WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?",
-                (tenant_name, after_id, limit)).fetchall()
-            return [Event(*row) for row in rows]
-        return await self._read(run)
+    async def latest_events(self, tenant_name: str) -> tuple[list[Event], int]:
+        """The newest event of each name in the tenant, oldest first, and the newest event
+        id of the whole log at that moment (read in the same transaction)."""
+        return await self._read(lambda conn: _with_newest_id(conn, LATEST_OF_TENANT,
+                                                             (tenant_name,)))
+
+    async def events_after(self, tenant_name: str, after_id: int,
+                           limit: int) -> tuple[list[Event], int]:
+        """Up to `limit` events of the tenant with id > after_id, in id order, and the
+        newest event id of the whole log at that moment."""
+        return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
+                                                             (tenant_name, after_id, limit)))
+
+
+LATEST_OF_TENANT = """
+    SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
+    FROM latest l JOIN events e ON e.id = l.event_id
+    WHERE l.tenant_name = ? ORDER BY e.id"""
+EVENTS_AFTER = """
+    SELECT id, tenant_name, event, data, timestamp FROM events
+    WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?"""
+
+
+def _with_newest_id(conn: sqlite3.Connection, query: str,
+                    args: tuple) -> tuple[list[Event], int]:
+    conn.execute("BEGIN")  # one snapshot for both statements
+    try:
+        rows = conn.execute(query, args).fetchall()
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    finally:
+        conn.execute("COMMIT")
+    return [Event(*row) for row in rows], newest
 
 
 def _column_value(column: str, value: Any) -> Any:
