@@ -173,7 +173,9 @@ def error_response(exc: HTTPError) -> Response:
 
 
 def compact_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII only (non-ASCII as \u escapes): broker-client decodes the stream one byte per
+    # character, so raw UTF-8 in an event's data would reach it garbled.
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
@@ -208,7 +210,7 @@ def read_json(req: Request) -> dict[str, Any]:
 # -- field validation ----------------------------------------------------------------------
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s.]+$")
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 
 
 def text_field(body: dict[str, Any], name: str, *, max_len: int = 64,
@@ -245,7 +247,7 @@ def email_field(body: dict[str, Any]) -> str | None:
     value = body.get("email")
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 254 or not EMAIL.match(value):
+    if not isinstance(value, str) or len(value) > 254 or not EMAIL.fullmatch(value):
         raise HTTPError(400, "email must be a valid address or null")
     return value
 
@@ -715,7 +717,7 @@ class App:
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
         if methods is None:
-            raise HTTPError(404, f"no such endpoint: {req.path}")
+            raise HTTPError(404, f"no such endpoint: {req.path[:200]}")
         if req.method == "OPTIONS":
             return Response(204, headers=[
                 ("access-control-allow-methods", "GET, POST, HEAD, OPTIONS"),
@@ -1042,6 +1044,13 @@ class Connection(asyncio.Protocol):
         self.request = request
         self.body = bytearray()
         self.started = time.perf_counter()
+        # h11 bounds a head only while it is incomplete; one that came whole in a single
+        # read is measured here.
+        head_size = len(request.method) + len(request.target) + sum(
+            len(name) + len(value) + 4 for name, value in request.headers)
+        if head_size > MAX_HEADER_BYTES:
+            self.reject(431, "request line and headers over 16 KiB")
+            return False
         length = dict(request.headers).get(b"content-length")
         if length is not None and int(length) > self.app.config.max_body:
             self.reject(413, f"body over {self.app.config.max_body} bytes")
