@@ -1,0 +1,197 @@
+"""examples/index.html in a real browser: headless Chromium (Debian's package) via Playwright.
+
+The page is served by a static file server on another port than the API, so every request it
+makes is cross-origin and the server's CORS headers are exercised for real. The stream is the
+browser's own EventSource, with `access_token` and its built-in reconnect.
+
+What the page received is observed through the DevTools protocol (Network.eventSourceMessage-
+Received), not through test hooks in the page, so a duplicate sent by the server is seen even
+though the page itself would hide it.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import ROOT, Server
+
+CHROMIUM = "/usr/bin/chromium"
+EXAMPLES = ROOT / "examples"
+
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None,
+                       reason="Playwright for Python is not installed (pip install playwright)"),
+    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                       reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+# Headless and quiet: no sandbox (we run as root in CI), and no calls home of any kind.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-default-apps"]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def site():
+    """examples/ on its own loopback port: a different origin than the API."""
+    handler = functools.partial(QuietHandler, directory=str(EXAMPLES))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class Tab:
+    """One browser tab on the example page, with what its EventSource received."""
+
+    page: Page
+    received_ids: list[int] = field(default_factory=list)
+    stream_requests: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def messages(self) -> list[tuple[int, str, str]]:
+        """(id, from, text) of every message shown, top to bottom."""
+        rows = self.page.eval_on_selector_all(
+            "#messages li",
+            "items => items.map(li => [Number(li.dataset.id),"
+            " li.querySelector('.from').textContent, li.querySelector('.text').textContent])")
+        return [tuple(row) for row in rows]
+
+    def state(self) -> str:
+        return self.page.get_attribute("#status", "data-state") or ""
+
+    def send(self, text: str) -> None:
+        self.page.fill("#send [name=text]", text)
+        self.page.click("#send button")
+
+    def wait_for_text(self, text: str, timeout: float) -> None:
+        self.page.locator("#messages li .text", has_text=text).wait_for(timeout=timeout * 1000)
+
+    def wait_for_state(self, state: str, timeout: float = 10) -> None:
+        self.page.wait_for_selector(f"#status[data-state={state}]", timeout=timeout * 1000)
+
+
+def open_tab(context, site: str, server: Server, username: str, password: str) -> Tab:
+    tab = Tab(context.new_page())
+    cdp = context.new_cdp_session(tab.page)
+    cdp.send("Network.enable")
+    cdp.on("Network.eventSourceMessageReceived",
+           lambda msg: tab.received_ids.append(int(msg["eventId"])))
+    # The headers as sent on the wire (Last-Event-ID is only in this "extra info" event).
+    cdp.on("Network.requestWillBeSentExtraInfo", lambda msg: _note_stream_request(tab, msg))
+    tab.page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    tab.page.goto(f"{site}/?api=http://127.0.0.1:{server.port}")
+    tab.page.fill("#login [name=username]", username)
+    tab.page.fill("#login [name=password]", password)
+    tab.page.click("#login button")
+    tab.wait_for_state("live", timeout=5)
+    return tab
+
+
+def _note_stream_request(tab: Tab, msg: dict) -> None:
+    headers = {name.lower(): value for name, value in msg["headers"].items()}
+    if headers.get("accept") == "text/event-stream":
+        tab.stream_requests.append(headers)
+
+
+def check_list(tab: Tab, expected_texts: list[str]) -> None:
+    """The tab shows exactly these messages, in id order, and was sent none twice."""
+    shown = tab.messages()
+    assert [text for _, _, text in shown] == expected_texts
+    ids = [ident for ident, _, _ in shown]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids), ids
+    assert len(set(tab.received_ids)) == len(tab.received_ids), \
+        f"the server sent an event twice: {tab.received_ids}"
+    assert sorted(tab.received_ids) == ids, (tab.received_ids, ids)
+    assert tab.errors == []
+
+
+def test_two_tabs_chat_live_and_catch_up_after_restart(browser, site, server):
+    for name in ("alice", "bob"):
+        assert server.create_user(name, f"password-{name}", tenant="demo").status == 200
+    carol = server.user("carol", tenant="demo")  # the test's own writer, over plain HTTP
+    context = browser.new_context()
+    alice = open_tab(context, site, server, "alice", "password-alice")
+    bob = open_tab(context, site, server, "bob", "password-bob")
+
+    # Live, both ways, each within a second of the click.
+    alice.send("hello from alice")
+    bob.wait_for_text("hello from alice", timeout=1)
+    bob.send("hi alice")
+    alice.wait_for_text("hi alice", timeout=1)
+    assert [m[1:] for m in bob.messages()] == [("alice", "hello from alice"), ("bob", "hi alice")]
+
+    # Restart the broker. While the tabs are cut off, messages arrive over HTTP. The tabs'
+    # stream requests are refused until then, so these are certainly missed, not live.
+    for tab in (alice, bob):
+        tab.page.route("**/sse?*", lambda route: route.abort())
+    server.restart()
+    for tab in (alice, bob):
+        tab.wait_for_state("reconnecting")
+    missed = [f"missed {n}" for n in range(3)]
+    for text in missed:
+        assert server.insert(carol, "chat", {"from": "carol", "text": text}).status == 200
+    for tab in (alice, bob):
+        tab.page.unroute("**/sse?*")
+
+    # EventSource reconnects by itself (its retry delay is about 3 s) and catches up.
+    for tab in (alice, bob):
+        tab.wait_for_text(missed[-1], timeout=10)
+        tab.wait_for_state("live", timeout=2)
+    alice.send("back again")
+    bob.wait_for_text("back again", timeout=1)
+    alice.wait_for_text("back again", timeout=1)
+
+    expected = ["hello from alice", "hi alice", *missed, "back again"]
+    for tab in (alice, bob):
+        check_list(tab, expected)
+        # The reconnect that succeeded resumed from the last id seen before the restart.
+        resumed = [r for r in tab.stream_requests if "last-event-id" in r]
+        assert resumed, tab.stream_requests
+        assert resumed[-1]["last-event-id"] == str(tab.messages()[1][0])
+
+    # A newcomer's tab gets the whole history (last_event_id=0), then live messages.
+    newcomer = open_tab(context, site, server, "carol", "correct horse 1")
+    newcomer.wait_for_text("back again", timeout=2)
+    check_list(newcomer, expected)
+    context.close()
+
+
+def test_wrong_password_shows_the_error(browser, site, server):
+    assert server.create_user("erin", "password-erin").status == 200
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{site}/?api=http://127.0.0.1:{server.port}")
+    page.fill("#login [name=username]", "erin")
+    page.fill("#login [name=password]", "not her password")
+    page.click("#login button")
+    page.wait_for_function("document.querySelector('#error').textContent !== ''", timeout=5000)
+    assert page.is_visible("#login") and not page.is_visible("#room")
+    assert page.get_attribute("#status", "data-state") == "signed-out"
+    context.close()
+
