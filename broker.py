@@ -71,6 +71,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
     ("max_connections", int, 10000, "connections served at once; more get 503"),
     ("auth_failures", int, 20,
      "failed logins per minute allowed for one username (three times that per address)"),
+    ("trusted_proxies", str, "",
+     "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
 ]
@@ -679,6 +681,7 @@ class App:
         self.connections: set[Connection] = set()
         self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)
         self.stopping = False
+        self.trusted_proxies = {a.strip() for a in config.trusted_proxies.split(",") if a.strip()}
         self.password_checker = weak_password_checker() if config.password_checker else None
         self.store: Store
         self.auth: Auth
@@ -782,7 +785,7 @@ class App:
         user = await self.auth.authenticate(req, token_in_query=True)
         last_id = last_event_id(req)
         conn = req.conn
-        conn.start_stream(user)
+        conn.start_stream(user, req.client)
         self.hub.join(conn)
         try:
             # `covered`: the newest id in the database when the sync was read. Every event
@@ -1070,7 +1073,15 @@ class Connection(asyncio.Protocol):
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
                        dict(parse_qsl(target.query, keep_blank_values=True)), headers,
-                       bytes(self.body), self.client, self)
+                       bytes(self.body), self.client_address(headers), self)
+
+    def client_address(self, headers: dict[str, str]) -> str:
+        """The peer, or behind a trusted proxy the address that proxy saw (the last entry
+        of X-Forwarded-For: earlier ones are whatever the client claimed)."""
+        forwarded = headers.get("x-forwarded-for")
+        if forwarded and self.client in self.app.trusted_proxies:
+            return forwarded.rsplit(",", 1)[-1].strip() or self.client
+        return self.client
 
     async def respond(self) -> None:
         req = self.make_request()
@@ -1090,17 +1101,17 @@ class Connection(asyncio.Protocol):
         if self.http is None:  # a stream that failed before it began; nothing more to say
             self.transport.close()
             return
-        self.log_request(req.method, req.path, response.status)
+        self.log_request(req.method, req.path, response.status, req.client)
         self.send(req.method, response)
 
-    def log_request(self, method: str, path: str, status: int) -> None:
+    def log_request(self, method: str, path: str, status: int, client: str) -> None:
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
         self.app.metrics.count_request(route, status)
         millis = (time.perf_counter() - self.started) * 1000
         log.info("%s %s %d %.1fms", method, path, status, millis,
                  extra={"fields": {"method": method, "path": path, "status": status,
-                                   "ms": round(millis, 1), "client": self.client}})
+                                   "ms": round(millis, 1), "client": client}})
 
     def base_headers(self) -> list[tuple[str, str]]:
         return [("access-control-allow-origin", self.app.config.origin)]
@@ -1156,7 +1167,7 @@ class Connection(asyncio.Protocol):
         self.http = None
 
     # -- event streams --------------------------------------------------------------------
-    def start_stream(self, user: User) -> None:
+    def start_stream(self, user: User, client: str) -> None:
         """Send the stream's head; from now on the connection carries only SSE frames."""
         assert self.http is not None and self.request is not None
         headers = self.base_headers() + [
@@ -1165,7 +1176,7 @@ class Connection(asyncio.Protocol):
         self.transport.write(self.http.send(h11.Response(status_code=200, headers=headers)))
         # h11 picked the framing: chunked for HTTP/1.1 clients, close-delimited for 1.0.
         self.chunked = self.http.their_http_version != b"1.0"
-        self.log_request("GET", "/sse", 200)
+        self.log_request("GET", "/sse", 200, client)
         self.http = None
         self.request = None
         self.body = bytearray()

@@ -88,3 +88,28 @@ def test_systemd_unit_verifies(tmp_path: Path):
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "broker.service" not in result.stderr, result.stderr
+
+
+def failed_logins(srv, count: int, forwarded_for: str) -> list[int]:
+    headers = {"X-Forwarded-For": f"203.0.113.9, {forwarded_for}"}
+    return [srv.post("/login", {"username": f"nobody{i}", "password": "wrong-password"},
+                     headers=headers).status for i in range(count)]
+
+
+def test_trusted_proxy_address_is_used_for_throttling_and_logs(make_server):
+    srv = make_server("--trusted_proxies", "127.0.0.1", "--auth_failures", "2",
+                      "--log_format", "json")
+    # Three times --auth_failures per address, each with a new username.
+    assert failed_logins(srv, 7, "198.51.100.1") == [401] * 6 + [429]
+    assert failed_logins(srv, 1, "198.51.100.2") == [401]  # another client is not blocked
+    srv.stop()
+    clients = {json.loads(line).get("client") for line in srv.log_lines}
+    assert {"198.51.100.1", "198.51.100.2"} <= clients
+    assert "203.0.113.9" not in clients  # what the client claimed, ahead of the proxy
+
+
+def test_forwarded_for_is_ignored_from_untrusted_peers(make_server):
+    srv = make_server("--auth_failures", "2")
+    assert failed_logins(srv, 6, "198.51.100.1") == [401] * 6
+    # Spoofing another address does not escape the limit on the real peer.
+    assert failed_logins(srv, 1, "198.51.100.2") == [429]
