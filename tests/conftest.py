@@ -186,6 +186,9 @@ class SSE:
         self.chunked = self.headers.get("transfer-encoding") == "chunked"
         self.body = b""  # decoded body bytes not yet split into frames
         self.ended = False  # the server sent the terminating chunk or closed
+        # Body bytes may have come in the same read as the head: decode them now, or
+        # read_raw would wait on the socket for data that is already here.
+        self._decode_available()
 
     def _read_more(self) -> bool:
         data = self.sock.recv(65536)

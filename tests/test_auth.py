@@ -1,0 +1,176 @@
+"""Authentication of /verify, /insert and /sse: Bearer JWTs (real and forged) and Basic.
+
+The server runs with a known --jwt_secret and --jwt_expiry 120, so tests can check the
+signature of issued tokens and craft their own: expired, wrong issuer, other algorithms.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+
+import jwt
+import pytest
+from api_support import (
+    JWT_CLAIMS,
+    assert_error,
+    assert_unauthorized,
+    claims_for,
+    forge,
+    unique,
+    unsigned_token,
+)
+from conftest import ADMIN, Response, Server, basic, bearer
+
+# 64 bytes, so pyjwt does not warn when the tests sign HS512 forgeries with it.
+SECRET = "a-known-test-secret-" + "0123456789abcdef" * 3
+EXPIRY = 120
+COLON_PASSWORD = "pass:with:colons 1"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory) -> Server:
+    server = Server(tmp_path_factory.mktemp("auth"),
+                    ["--jwt_secret", SECRET, "--jwt_expiry", str(EXPIRY)]).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def colon_user(srv: Server) -> tuple[str, str]:
+    """(username, tenant) of a user whose password contains ':'."""
+    name, tenant = unique("colon"), unique("tenant")
+    resp = srv.create_user(name, COLON_PASSWORD, tenant, scopes=["news:get", "news:post"])
+    assert resp.status == 200, resp.body
+    return name, tenant
+
+
+def call(srv: Server, endpoint: str, headers: dict[str, str]) -> Response:
+    """One authenticated request to an endpoint; only used for answers that end (not a
+    200 stream)."""
+    if endpoint == "/insert":
+        return srv.post("/insert", {"event": "auth", "data": 1}, headers=headers)
+    return srv.get(endpoint, headers=headers, timeout=5)
+
+
+ENDPOINTS = ["/verify", "/insert", "/sse"]
+
+
+# -- issued tokens -------------------------------------------------------------------------
+
+def test_login_token_is_signed_with_the_configured_secret(srv: Server, colon_user) -> None:
+    name, _ = colon_user
+    token = srv.login(name, COLON_PASSWORD)
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], issuer="Broker",
+                        audience="news:get,news:post")
+    assert set(claims) == JWT_CLAIMS and claims["sub"] == name
+
+
+def test_jwt_expiry_flag_sets_exp(srv: Server, colon_user) -> None:
+    token = srv.login(colon_user[0], COLON_PASSWORD)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] == claims["iat"] + EXPIRY
+    assert abs(claims["iat"] - time.time()) <= 5
+
+
+def test_crafted_valid_token_is_accepted(srv: Server, colon_user) -> None:
+    # The control for the forgeries below: a token made the same way, but correct, works.
+    name, tenant = colon_user
+    resp = srv.get("/verify", headers=bearer(forge(claims_for(name), SECRET)))
+    assert resp.status == 200, resp.body
+    assert resp.json()["tenant_name"] == tenant
+
+
+# -- good credentials on every endpoint ----------------------------------------------------
+
+def good_credentials(srv: Server, name: str) -> dict[str, dict[str, str]]:
+    return {"bearer": bearer(srv.login(name, COLON_PASSWORD)),
+            "basic": basic(name, COLON_PASSWORD)}
+
+
+@pytest.mark.parametrize("kind", ["bearer", "basic"])
+def test_verify_accepts(srv: Server, colon_user, kind: str) -> None:
+    name, tenant = colon_user
+    resp = srv.get("/verify", headers=good_credentials(srv, name)[kind])
+    assert resp.status == 200, resp.body
+    assert resp.json() == {"username": name, "tenant_name": tenant,
+                           "scopes": ["news:get", "news:post"]}
+
+
+@pytest.mark.parametrize("kind", ["bearer", "basic"])
+def test_insert_accepts(srv: Server, colon_user, kind: str) -> None:
+    resp = srv.insert(good_credentials(srv, colon_user[0])[kind], f"by_{kind}", kind)
+    assert resp.status == 200, resp.body
+    assert resp.json()["event"] == f"by_{kind}"
+
+
+@pytest.mark.parametrize("kind", ["bearer", "basic"])
+def test_sse_accepts(srv: Server, colon_user, kind: str) -> None:
+    auth = good_credentials(srv, colon_user[0])[kind]
+    stream = srv.sse(auth)
+    try:
+        assert stream.status == 200
+        inserted = srv.insert(auth, f"sse_{kind}", {"via": kind}).json()["id"]
+        # The tenant holds other tests' events too (sync): read until ours arrives.
+        for _ in range(20):
+            if stream.next().id == inserted:
+                break
+        else:
+            pytest.fail(f"event {inserted} not delivered")
+    finally:
+        stream.close()
+
+
+# -- bad credentials on every endpoint -----------------------------------------------------
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+BAD_CREDENTIALS: dict[str, Callable[[str], dict[str, str]]] = {
+    "none": lambda name: {},
+    "garbage bearer": lambda name: {"Authorization": "Bearer garbage"},
+    "empty bearer": lambda name: {"Authorization": "Bearer "},
+    "unknown scheme": lambda name: {"Authorization": f"Token {forge(claims_for(name), SECRET)}"},
+    "alg none": lambda name: bearer(unsigned_token(claims_for(name))),
+    "other secret": lambda name: bearer(forge(claims_for(name), "another-secret-" + "x" * 50)),
+    "expired": lambda name: bearer(forge(claims_for(name, iat=int(time.time()) - 900,
+                                                    exp=int(time.time()) - 600), SECRET)),
+    "wrong iss": lambda name: bearer(forge(claims_for(name, iss="Dispatcher"), SECRET)),
+    "no iss": lambda name: bearer(forge(claims_for(name, iss=None), SECRET)),
+    "no exp": lambda name: bearer(forge(claims_for(name, exp=None), SECRET)),
+    "HS512": lambda name: bearer(forge(claims_for(name), SECRET, "HS512")),
+    "HS384": lambda name: bearer(forge(claims_for(name), SECRET, "HS384")),
+    "unknown sub": lambda name: bearer(forge(claims_for(unique("ghost")), SECRET)),
+    "tampered": lambda name: bearer(tamper(forge(claims_for(name), SECRET))),
+    "basic wrong password": lambda name: basic(name, COLON_PASSWORD + "x"),
+    "basic unknown user": lambda name: basic(unique("ghost"), COLON_PASSWORD),
+    "basic no colon": lambda name: {"Authorization": f"Basic {b64(name)}"},
+    "basic not base64": lambda name: {"Authorization": "Basic %%%not-base64%%%"},
+}
+
+
+def tamper(token: str) -> str:
+    """Swap the payload for one naming another subject, keeping the original signature."""
+    header, _, signature = token.split(".")
+    other = forge(claims_for("admin"), SECRET).split(".")[1]
+    return f"{header}.{other}.{signature}"
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("case", BAD_CREDENTIALS.keys())
+def test_bad_credentials_are_401(srv: Server, colon_user, endpoint: str, case: str) -> None:
+    assert_unauthorized(call(srv, endpoint, BAD_CREDENTIALS[case](colon_user[0])))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_revoked_user_credentials_are_401(srv: Server, endpoint: str) -> None:
+    name = unique("revoked")
+    assert srv.create_user(name, COLON_PASSWORD).status == 200
+    token = srv.login(name, COLON_PASSWORD)
+    resp = srv.post("/revoke_user", {"admin_token": ADMIN, "username": name})
+    assert resp.status == 200, resp.body
+    assert_unauthorized(call(srv, endpoint, bearer(token)))
+    assert_unauthorized(call(srv, endpoint, basic(name, COLON_PASSWORD)))
+    assert_error(srv.post("/login", {"username": name, "password": COLON_PASSWORD}), 401)
