@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -187,12 +187,22 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def read_json(req: Request) -> dict[str, Any]:
     """The body as a JSON object. A missing or odd Content-Type is forgiven when the body
     parses as JSON (curl -d sends form encoding by default); otherwise 415 or 400."""
     try:
-        body = json.loads(req.body, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Strict UTF-8 (json.loads on bytes would let encoded surrogates through), no NaN or
+        # Infinity, and no nesting deep enough to exhaust the recursion limit.
+        body = json.loads(req.body.decode("utf-8"), parse_constant=_no_constants,
+                          parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         content_type = req.headers.get("content-type", "")
         if content_type and "json" not in content_type.lower():
             raise HTTPError(415, "the body must be JSON (Content-Type: application/json)")
@@ -306,12 +316,15 @@ class Tenant:
             self._snapshot = tuple(self.live)
         return self._snapshot
 
-    def write(self, payload: bytes) -> int:
+    def write(self, payload: bytes, framed: bytes | None = None) -> int:
         """Write one payload to every live member; return how many there were."""
-        framed = chunk(payload)
+        framed = framed or chunk(payload)
         members = self.members()
         for conn in members:
-            conn.transport.write(framed if conn.chunked else payload)
+            try:
+                conn.transport.write(framed if conn.chunked else payload)
+            except RuntimeError:  # uvloop, on a transport that just closed: let it go
+                pass
         return len(members)
 
 
@@ -394,8 +407,7 @@ class Hub:
 
     def heartbeat(self) -> None:
         for tenant in self.tenants.values():
-            for conn in tenant.members():
-                conn.transport.write(HEARTBEAT_CHUNK if conn.chunked else HEARTBEAT)
+            tenant.write(HEARTBEAT, framed=HEARTBEAT_CHUNK)
 
     def count(self) -> int:
         return sum(len(t.live) + len(t.syncing) for t in self.tenants.values())
@@ -562,7 +574,7 @@ class Auth:
     async def _from_basic(self, credentials: str, client: str) -> User:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
             raise unauthorized("malformed Basic credentials") from None
         username, colon, password = decoded.partition(":")  # the password may hold ':'
         if not colon:
@@ -785,6 +797,8 @@ class App:
         user = await self.auth.authenticate(req, token_in_query=True)
         last_id = last_event_id(req)
         conn = req.conn
+        if conn.transport.is_closing():
+            return STREAMING  # the client left while we checked its credentials
         conn.start_stream(user, req.client)
         self.hub.join(conn)
         try:
@@ -888,12 +902,13 @@ class App:
 
 
 def last_event_id(req: Request) -> int | None:
-    raw = req.headers.get("last-event-id", req.query.get("last_event_id"))
-    if raw is None or raw == "":
-        return None
-    if not raw.isdigit() or len(raw) > 18:
-        raise HTTPError(400, "Last-Event-ID must be a non-negative integer")
-    return int(raw)
+    header, query = req.headers.get("last-event-id"), req.query.get("last_event_id")
+    for raw in (header, query):  # both validated; the header wins when both are given
+        # isascii: str.isdigit() is also true for "²", which int() refuses.
+        if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise HTTPError(400, "Last-Event-ID must be a non-negative integer")
+    raw = header or query
+    return int(raw) if raw else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -962,7 +977,8 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.http is None:
-            return False  # a subscriber hung up: close our side too
+            self.app.hub.leave(self)  # a subscriber hung up: write nothing more, and close
+            return False
         self.http.receive_data(b"")
         self.process()
         return True  # keep our side open to answer a request that ended with the EOF
@@ -1020,7 +1036,8 @@ class Connection(asyncio.Protocol):
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as exc:
-                self.reject(exc.error_status_hint, f"bad request: {exc}")
+                # h11 hints 501 for a Transfer-Encoding it cannot decode; garbage is a 4xx.
+                self.reject(min(exc.error_status_hint, 400), f"bad request: {exc}")
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -1053,6 +1070,11 @@ class Connection(asyncio.Protocol):
             len(name) + len(value) + 4 for name, value in request.headers)
         if head_size > MAX_HEADER_BYTES:
             self.reject(431, "request line and headers over 16 KiB")
+            return False
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # Ambiguous framing, the stuff of request smuggling (RFC 9112 section 6.1).
+            self.reject(400, "both Content-Length and Transfer-Encoding")
             return False
         length = dict(request.headers).get(b"content-length")
         if length is not None and int(length) > self.app.config.max_body:
@@ -1186,6 +1208,8 @@ class Connection(asyncio.Protocol):
         self.tenant = user.tenant_name
 
     def send_events(self, events: list[Event]) -> None:
+        if self.transport.is_closing():
+            return  # the subscriber left; uvloop raises on a write to a closed transport
         payload = b"".join(sse_frame(event) for event in events)
         if payload:
             self.transport.write(chunk(payload) if self.chunked else payload)
