@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from api_support import assert_error, assert_unauthorized
+from api_support import assert_error, assert_unauthorized, min_time
 from conftest import ADMIN, ROOT, SSE, Frame, Response, Server, basic, bearer, parse_frame
 
 PASSWORD = "correct horse 1"
@@ -84,15 +84,6 @@ def replay_all(srv: Server, auth: dict[str, str], quiet: float = 1.0,
     finally:
         stream.close()
     return frames
-
-
-def min_time(run, times: int) -> float:
-    best = float("inf")
-    for _ in range(times):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def admin_post(srv: Server, path: str, token: str = ADMIN, **fields) -> Response:

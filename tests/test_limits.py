@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from api_support import assert_error, unique
+from api_support import assert_error, min_time, unique
 from conftest import Response, Server
 
 PASSWORD = "correct horse 1"
@@ -300,16 +300,6 @@ def test_passwords_of_8_and_1024_characters_are_accepted(shared: Server) -> None
         name = unique("boundary")
         assert shared.create_user(name, password=password).status == 200
         shared.login(name, password)
-
-
-def min_time(run, times: int) -> float:
-    """The fastest of `times` runs: the least disturbed by other work on the machine."""
-    best = float("inf")
-    for _ in range(times):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def test_megabyte_password_is_refused_without_hashing(shared: Server) -> None:
