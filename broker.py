@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import signal
 import ssl
@@ -451,6 +452,7 @@ class Auth:
     bounded pool, JWTs, and a cache of verified Basic credentials."""
 
     MAX_QUEUED_HASHES = 64
+    MAX_CACHED_TOKENS = 10_000
 
     def __init__(self, store: Store, config: argparse.Namespace, jwt_secret: str) -> None:
         self.store = store
@@ -466,6 +468,8 @@ class Auth:
         # change makes a new stored hash and so voids the entry. Never the plain password.
         self.basic_key = secrets.token_bytes(32)
         self.basic_verified: dict[str, bytes] = {}
+        self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
+        self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
 
     # -- users ------------------------------------------------------------------------
@@ -558,12 +562,20 @@ class Auth:
         return user
 
     async def _from_jwt(self, token: str) -> User:
-        try:
-            claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], issuer=JWT_ISSUER,
-                                options={"require": ["exp", "iat", "iss", "sub"],
-                                         "verify_aud": False})
-        except jwt.PyJWTError as exc:
-            raise unauthorized(f"invalid token: {exc}") from None
+        # A token seen before (the exact string, signature and all) skips the signature
+        # check, which was the largest cost of an insert; its expiry is still checked.
+        claims = self.verified_tokens.get(token)
+        if claims is None or claims["exp"] <= time.time():
+            try:
+                claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"],
+                                    issuer=JWT_ISSUER,
+                                    options={"require": ["exp", "iat", "iss", "sub"],
+                                             "verify_aud": False})
+            except jwt.PyJWTError as exc:
+                raise unauthorized(f"invalid token: {exc}") from None
+            if len(self.verified_tokens) >= self.MAX_CACHED_TOKENS:
+                self.verified_tokens.clear()
+            self.verified_tokens[token] = claims
         user = await self.user(str(claims["sub"]))
         if user is None:
             raise unauthorized("unknown user")
@@ -580,16 +592,26 @@ class Auth:
         if not colon:
             raise unauthorized("malformed Basic credentials")
         user = await self.user(username)
-        if user is not None:
-            digest = hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
-                              hashlib.sha256).digest()
-            known = self.basic_verified.get(username)
-            if known is not None and hmac.compare_digest(known, digest):
-                return user
-        user = await self.check_password(username, password, client)
-        self.basic_verified[username] = hmac.new(
-            self.basic_key, f"{user.password_hash}\0{password}".encode(), hashlib.sha256).digest()
+        if user is None:
+            return await self.check_password(username, password, client)  # a slow 401
+        digest = self.basic_digest(user, password)
+        known = self.basic_verified.get(username)
+        if known is not None and hmac.compare_digest(known, digest):
+            return user
+        # Requests that bring the same new credentials at once (a client opening 64
+        # connections) share one Argon2 verify instead of queueing one each.
+        check = self.basic_checks.get(digest)
+        if check is None:
+            check = asyncio.ensure_future(self.check_password(username, password, client))
+            self.basic_checks[digest] = check
+            check.add_done_callback(lambda _: self.basic_checks.pop(digest, None))
+        user = await asyncio.shield(check)
+        self.basic_verified[username] = self.basic_digest(user, password)
         return user
+
+    def basic_digest(self, user: User, password: str) -> bytes:
+        return hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
+                        hashlib.sha256).digest()
 
 
 def unauthorized(message: str) -> HTTPError:
@@ -1298,9 +1320,21 @@ async def shutdown(app: App, server: asyncio.Server, grace: float = 3.0) -> None
     await app.store.close()
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """Each connection is a file descriptor; many systems start processes at 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("only %d open files allowed; --max_connections %d will not fit",
+                        target, wanted - 64)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     setup_logging(config)
+    raise_open_file_limit(config.max_connections + 64)  # + the database, logs, listeners
     try:
         import uvloop  # optional: the 'fast' extra
     except ImportError:
