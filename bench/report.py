@@ -1,0 +1,306 @@
+"""Turn the results dict of bench/run.py into results.md (tables) and results.png (chart)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PEERS = ("starlette", "nchan")
+
+
+def fmt(value: object, digits: int = 1) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def statuses(counts: dict | None) -> str:
+    """{200: 5} -> "200 ×5" (JSON turns the keys into strings; -1 is a connection error)."""
+    if not counts:
+        return "—"
+    return ", ".join(f"{'error' if str(k) == '-1' else k} ×{n}" for k, n in counts.items())
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def reference(results: dict) -> str | None:
+    """The broker variant the ratios are computed for: the default one when it ran."""
+    brokers = [s for s in results["servers"] if s.startswith("broker")]
+    return "broker" if "broker" in brokers else (brokers[0] if brokers else None)
+
+
+def peers(results: dict) -> list[str]:
+    return [s for s in results["servers"] if s in PEERS]
+
+
+def side_by_side(results: dict, section: dict, metric: str, label: str) -> str:
+    """Rows: the scenario parameter; columns: every server's `metric`, then broker ÷ peer."""
+    servers, ref = results["servers"], reference(results)
+    header = [label, *servers] + [f"{ref} ÷ {peer}" for peer in peers(results) if ref]
+    rows = []
+    for key, by_server in section.items():
+        values = [by_server.get(s, {}).get(metric) for s in servers]
+        ref_value = by_server.get(ref, {}).get(metric) if ref else None
+        ratios = [ratio(ref_value, by_server.get(p, {}).get(metric)) for p in peers(results)]
+        rows.append([int(key) if key.isdigit() else key, *values, *(ratios if ref else [])])
+    return table(header, rows)
+
+
+def from_earlier(results: dict, scenario: str) -> str:
+    """A note when a scenario's numbers were merged in from an earlier run (run.py --merge)."""
+    ran_at = results.get("ran_at", {}).get(scenario)
+    if ran_at and ran_at != results["machine"]["date"]:
+        return f"*From an earlier run, on {ran_at}.*\n"
+    return ""
+
+
+def machine_section(results: dict) -> str:
+    m = results["machine"]
+    loops = ", ".join(f"{name}: {loop}" for name, loop in results["loops"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (f"- CPU: {m['cpu']}, {m['cores']} cores; Linux {m['kernel']}; Python {m['python']}\n"
+            f"- Event loops: client {m['client_loop']}; servers: {loops or '—'}\n"
+            f"- Disk: a 128-byte write + fsync takes {m.get('fsync_ms', '—')} ms in "
+            f"{m.get('tmpdir', '—')}, where the servers' files are\n"
+            f"- Load average before / after: {m['load_average']} / "
+            f"{m.get('load_average_after', '—')} (a shared machine: other work ran meanwhile)\n"
+            f"- Versions: {versions}\n"
+            + (f"- broker flags added: `{results['broker_args']}`\n"
+               if results.get("broker_args") else ""))
+
+
+def fanout_section(results: dict) -> str:
+    section = results["fanout"]
+    if not section:
+        return ""
+    s = results["settings"]
+    out = ["## 1. Fan-out: deliveries/s to N subscribers of one tenant\n",
+           from_earlier(results, "fanout"),
+           (f"Events published as fast as the server accepts them over {s['fanout_publishers']} "
+            f"keep-alive connections, {s['fanout_deliveries']:,} deliveries per size "
+            f"(events = that ÷ N). Deliveries/s (higher is better):\n"),
+           side_by_side(results, section, "deliveries_per_s", "subscribers"),
+           "\nPublish-to-receive latency p99 in ms (lower is better):\n",
+           side_by_side(results, section, "p99_ms", "subscribers"), "\nDetails:\n"]
+    out.append(details(section, "subscribers"))
+    return "\n".join(out)
+
+
+def details(section: dict, label: str) -> str:
+    header = [label, "server", "events", "published/s", "deliveries/s", "p50 ms", "p99 ms",
+              "lost", "server CPU %", "subscriber CPU %", "connect s"]
+    rows = []
+    for key, by_server in section.items():
+        for name, r in by_server.items():
+            rows.append([int(key) if key.isdigit() else key, name, r["events"],
+                         r["published_per_s"], r["deliveries_per_s"], r["p50_ms"], r["p99_ms"],
+                         r["lost"], r["server_cpu_pct"], r["subscriber_cpu_pct"],
+                         r["connect_seconds"]])
+    return table(header, rows)
+
+
+def latency_section(results: dict) -> str:
+    section = results["latency"]
+    if not section:
+        return ""
+    s = results["settings"]
+    key = f"{s['latency_rate']:.0f}/s to {s['latency_subscribers']:,}"
+    return "\n".join([
+        (f"## 2. Latency at a fixed {s['latency_rate']:.0f} events/s to "
+         f"{s['latency_subscribers']:,} subscribers ({s['latency_seconds']:.0f} s)\n"),
+        from_earlier(results, "latency"),
+        "p99 in ms (lower is better):\n",
+        side_by_side(results, {key: section}, "p99_ms", "rate"),
+        "\nDetails:\n", details({key: section}, "rate")])
+
+
+def memory_section(results: dict) -> str:
+    section = results["memory"]
+    if not section:
+        return ""
+    header = ["streams", "server", "connected", "failed", "RSS before MiB", "RSS after MiB",
+              "KiB per stream", "still open", "1 event delivered to", "its publish"]
+    rows = [[int(key), name, r["streams"], r["failed"], round(r["rss_before_kib"] / 1024, 1),
+             round(r["rss_after_kib"] / 1024, 1), r["kib_per_stream"], r["held"],
+             r["event_delivered_to"], statuses(r.get("publish_statuses"))]
+            for key, by_server in section.items() for name, r in by_server.items()]
+    return "\n".join([
+        "## 3. Memory: resident set per idle stream (fresh server process)\n",
+        from_earlier(results, "memory"),
+        ("(RSS with N open streams − RSS before) ÷ N, VmRSS of all the server's processes. "
+         "KiB per stream (lower is better):\n"),
+        side_by_side(results, section, "kib_per_stream", "streams"), "\nDetails:\n",
+        table(header, rows)])
+
+
+def inserts_section(results: dict) -> str:
+    section = results["inserts"]
+    if not section:
+        return ""
+    brokers = [s for s in results["servers"] if s.startswith("broker")]
+    header = ["publishers", *(f"{b} {auth}" for b in brokers for auth in ("Bearer", "Basic")),
+              *(f"{b} Basic ÷ Bearer" for b in brokers)]
+    counts = sorted({int(key.split()[0]) for key in section})
+    rows = []
+    for count in counts:
+        bearer, basic = section.get(f"{count} bearer", {}), section.get(f"{count} basic", {})
+        cells: list[object] = [count]
+        for b in brokers:
+            cells += [bearer.get(b, {}).get("inserts_per_s"), basic.get(b, {}).get("inserts_per_s")]
+        for b in brokers:
+            cells.append(ratio(basic.get(b, {}).get("inserts_per_s"),
+                               bearer.get(b, {}).get("inserts_per_s")))
+        rows.append(cells)
+    detail_rows = [[key, name, r["accepted"], r.get("seconds"), r["inserts_per_s"], r["p50_ms"],
+                    r["p99_ms"], r.get("max_ms"), statuses(r["statuses"]), r.get("server_cpu_pct"), r["publisher_cpu_pct"]]
+                   for key, by_server in section.items() for name, r in by_server.items()]
+    return "\n".join([
+        "## 4. Durable inserts/s (broker only)\n",
+        from_earlier(results, "inserts"),
+        ("Each publisher connection sends an insert and waits for its 200, which broker sends "
+         "only after the event is committed to SQLite. The peers keep events in memory only "
+         "(no durability at all), so they are not comparable here and not measured.\n"),
+        table(header, rows), "\nDetails:\n",
+        table(["publishers, auth", "server", "inserts", "seconds", "inserts/s", "p50 ms",
+               "p99 ms", "max ms", "statuses", "server CPU %", "publisher CPU %"], detail_rows)])
+
+
+def connects_section(results: dict) -> str:
+    section = results["connects"]
+    if not section:
+        return ""
+    s = results["settings"]
+    rows = [[name, r["sync_events"], r["completed"], r["connects_per_s"], r["p50_ms"],
+             r["p99_ms"], r["errors"] or "none", r["server_cpu_pct"], r["client_cpu_pct"]]
+            for name, r in section.items()]
+    return "\n".join([
+        (f"## 5. New authenticated streams per second, each reading a sync of "
+         f"{s['connect_sync']} latest values (broker only)\n"),
+        from_earlier(results, "connects"),
+        (f"{s['connect_concurrency']} connections in flight; each connects, sends `GET /sse` "
+         "with a Bearer JWT, reads until it has the whole sync, and closes. The peers have no "
+         "auth and no sync, so they are not measured.\n"),
+        table(["server", "sync events", "streams", "connects/s", "p50 ms", "p99 ms", "errors",
+               "server CPU %", "client CPU %"], rows)])
+
+
+def headline(results: dict) -> str:
+    """The numbers the issue's targets are stated in, with the ratios."""
+    ref = reference(results)
+    if not ref:
+        return ""
+    rows = []
+    for size, by_server in results["fanout"].items():
+        rows.append(headline_row(results, f"fan-out deliveries/s, {int(size):,} subscribers",
+                                 by_server, "deliveries_per_s"))
+    if results["latency"]:
+        rows.append(headline_row(results, "p99 ms at the fixed rate (lower is better)",
+                                 results["latency"], "p99_ms"))
+    for size, by_server in results["memory"].items():
+        rows.append(headline_row(results, f"KiB per idle stream, {int(size):,} streams "
+                                 "(lower is better)", by_server, "kib_per_stream"))
+    if not rows:
+        return ""
+    header = ["metric", ref, *peers(results), *(f"{ref} ÷ {p}" for p in peers(results))]
+    return "## Headline\n\n" + table(header, rows) + "\n"
+
+
+def headline_row(results: dict, label: str, by_server: dict, metric: str) -> list[object]:
+    ref = reference(results)
+    ref_value = by_server.get(ref, {}).get(metric)
+    values = [by_server.get(peer, {}).get(metric) for peer in peers(results)]
+    return [label, ref_value, *values, *(ratio(ref_value, v) for v in values)]
+
+
+def markdown(results: dict) -> str:
+    kind = "quick smoke run (small sizes)" if results["quick"] else "full run"
+    parts = [
+        "# Benchmark results\n",
+        (f"A {kind} of `python bench/run.py{' --quick' if results['quick'] else ''}` on "
+         f"{results['machine']['date']}, {results['seconds']} s in all. Client and servers share "
+         "the same cores, so read the ratios between servers of this one run rather than the "
+         "absolute numbers. How each scenario works: bench/README.md.\n"),
+        "## Machine\n", machine_section(results), headline(results), fanout_section(results),
+        latency_section(results), memory_section(results), inserts_section(results),
+        connects_section(results)]
+    return "\n".join(part for part in parts if part).rstrip() + "\n"
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    grouped_bars(axes[0][0], results["fanout"], "deliveries_per_s", results["servers"],
+                 "Fan-out: deliveries/s", "subscribers", log=True)
+    grouped_bars(axes[0][1], results["fanout"], "p99_ms", results["servers"],
+                 "Fan-out: p99 latency (ms)", "subscribers", log=True)
+    latency = {"p50": {}, "p99": {}}
+    for name, r in results["latency"].items():
+        latency["p50"][name] = {"v": r["p50_ms"]}
+        latency["p99"][name] = {"v": r["p99_ms"]}
+    s = results["settings"]
+    grouped_bars(axes[0][2], latency if results["latency"] else {}, "v", results["servers"],
+                 f"{s['latency_rate']:.0f} events/s to {s['latency_subscribers']:,}: latency "
+                 "(ms)", "", log=True)
+    grouped_bars(axes[1][0], results["memory"], "kib_per_stream", results["servers"],
+                 "Memory: KiB per idle stream", "streams")
+    inserts_bars(axes[1][1], results)
+    connects = {"": results["connects"]} if results["connects"] else {}
+    grouped_bars(axes[1][2], connects, "connects_per_s", results["servers"],
+                 f"Connects/s with a sync of {s['connect_sync']}", "")
+    m = results["machine"]
+    fig.suptitle(f"broker benchmark ({'quick' if results['quick'] else 'full'}), "
+                 f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def grouped_bars(ax, section: dict, metric: str, servers: list[str], title: str,
+                 xlabel: str, log: bool = False) -> None:
+    ax.set_title(title, fontsize=10)
+    keys = list(section)
+    present = [s for s in servers if any(s in section[k] for k in keys)]
+    if not keys or not present:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    width = 0.8 / len(present)
+    for i, name in enumerate(present):
+        values = [section[k].get(name, {}).get(metric) or 0 for k in keys]
+        xs = [x + i * width for x in range(len(keys))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks([x + width * (len(present) - 1) / 2 for x in range(len(keys))])
+    ax.set_xticklabels([f"{int(k):,}" if k.isdigit() else k for k in keys])
+    ax.set_xlabel(xlabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def inserts_bars(ax, results: dict) -> None:
+    section = results["inserts"]
+    by_count: dict[str, dict] = {}
+    for key, by_server in section.items():
+        count, auth = key.split()
+        for name, r in by_server.items():
+            by_count.setdefault(count, {})[f"{name} {auth}"] = r
+    series = sorted({name for row in by_count.values() for name in row})
+    grouped_bars(ax, by_count, "inserts_per_s", series, "Durable inserts/s", "publishers")

@@ -1,0 +1,503 @@
+"""Run the benchmark and write docs/bench/results.md, results.png and results.json.
+
+    python bench/run.py --quick          # short smoke run (about a minute per server)
+    python bench/run.py                  # the full run (5,000 subscribers, 10,000 idle streams)
+    python bench/run.py --servers broker,nchan --scenarios fanout,memory
+
+Every server is started fresh on a free loopback port, alone (one at a time), and the same
+client drives all of them in the same run, so the ratios between them are what to read.
+See bench/README.md for what each scenario measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Self
+
+import loadgen
+from loadgen import Channel, PublishPlan, percentile
+from servers import ALL_SERVERS, Server, nginx_version, server_factories
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects"]
+SPAWN = mp.get_context("spawn")
+
+
+@dataclass
+class Settings:
+    """Sizes and bounds of one run. Every loop below is bounded by a count and a time."""
+
+    fanout_sizes: list[int] = field(default_factory=lambda: [100, 1000, 5000])
+    fanout_deliveries: int = 1_000_000  # events per size = this / subscribers
+    fanout_publishers: int = 16  # concurrent keep-alive publisher connections
+    fanout_max_seconds: float = 30.0  # publishing stops after this, whatever the count
+    latency_subscribers: int = 1000
+    latency_rate: float = 200.0
+    latency_seconds: float = 10.0
+    memory_sizes: list[int] = field(default_factory=lambda: [5000, 10000])
+    insert_publishers: list[int] = field(default_factory=lambda: [1, 16, 64])
+    insert_seconds: float = 5.0
+    connect_total: int = 2000
+    connect_concurrency: int = 16
+    connect_sync: int = 100
+    connect_max_seconds: float = 20.0
+    probes: int = 32  # subscribers per run that record the latency of every frame
+    # Subscriber processes (each holds at most ~19,000 streams). Two, so that the client can
+    # use what the server leaves of both cores: one Python process reading one frame per recv
+    # (nchan writes every event separately) tops out near 300k frames/s.
+    sub_procs: int = 2
+    connect_gate: int = 100  # stream handshakes in flight while subscribers connect
+    drain_stall: float = 5.0  # give up waiting for deliveries after this long without progress
+    drain_timeout: float = 120.0
+    pad: int = 48  # bytes of padding in each event's data (the event is about 100 bytes)
+
+
+QUICK = Settings(fanout_sizes=[100, 1000], fanout_deliveries=100_000, fanout_max_seconds=10,
+                 latency_seconds=3, memory_sizes=[1000, 2000], insert_seconds=2,
+                 connect_total=300, connect_max_seconds=5, drain_timeout=30)
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+# -- client processes ---------------------------------------------------------------------------
+def spawn(target: Callable, *args: object) -> tuple[mp.process.BaseProcess, object]:
+    parent, child = SPAWN.Pipe()
+    proc = SPAWN.Process(target=target, args=(child, *args), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def run_process(target: Callable, *args: object, timeout: float = 300.0) -> dict:
+    """Run a one-shot client process and return the dict it sends back."""
+    proc, conn = spawn(target, *args)
+    try:
+        if not conn.poll(timeout):
+            raise TimeoutError(f"{target.__name__} gave no result in {timeout:.0f}s")
+        return conn.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+class Subscribers:
+    """`total` SSE streams held by `settings.sub_procs` processes."""
+
+    def __init__(self, channel: Channel, total: int, settings: Settings, probes: int) -> None:
+        procs = max(1, min(settings.sub_procs, total))
+        shares = [total // procs + (i < total % procs) for i in range(procs)]
+        gate = max(1, settings.connect_gate // procs)
+        self.children = [spawn(loadgen.subscriber_main, channel, share,
+                               round(probes * share / total), gate) for share in shares]
+        timeout = 60 + total / 50
+        self.ready = {"connected": 0, "failed": 0, "errors": {}, "connect_seconds": 0.0}
+        for _, conn in self.children:
+            if not conn.poll(timeout):
+                self.close()
+                raise TimeoutError("subscribers did not connect in time")
+            part = conn.recv()
+            self.ready["connected"] += part["connected"]
+            self.ready["failed"] += part["failed"]
+            self.ready["connect_seconds"] = max(self.ready["connect_seconds"],
+                                                part["connect_seconds"])
+            for error, count in part["errors"].items():
+                self.ready["errors"][error] = self.ready["errors"].get(error, 0) + count
+
+    def ask(self, command: str) -> list:
+        for _, conn in self.children:
+            conn.send(command)
+        return [conn.recv() for _, conn in self.children]
+
+    def received(self) -> int:
+        return sum(count for count, _ in self.ask("count"))
+
+    def wait_for(self, expected: int, settings: Settings) -> int:
+        """Poll until `expected` frames arrived, progress stalls, or the drain timeout."""
+        deadline = time.monotonic() + settings.drain_timeout
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            got = self.received()
+            if got >= expected:
+                return got
+            if got != last:
+                last, last_change = got, time.monotonic()
+            elif time.monotonic() - last_change > settings.drain_stall:
+                return got
+            time.sleep(0.05)
+        return self.received()
+
+    def collect(self) -> dict:
+        parts = self.ask("collect")
+        return {"received": sum(p["received"] for p in parts),
+                "min_per_stream": min(p["min_per_stream"] for p in parts),
+                "closed_by_server": sum(p["closed_by_server"] for p in parts),
+                "last_frame": max(p["last_frame"] for p in parts),
+                "samples": [s for p in parts for s in p["samples"]],
+                "cpu": sum(p["cpu"] for p in parts), "loop": parts[0]["loop"]}
+
+    def close(self) -> None:
+        for proc, conn in self.children:
+            try:
+                conn.send("close")
+                conn.poll(10) and conn.recv()
+            except (OSError, EOFError):
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def fanout(server: Server, subscribers: int, events: int, rate: float,
+           settings: Settings) -> dict:
+    """Publish `events` to `subscribers` streams of one tenant; deliveries/s, latency, loss."""
+    channel = server.new_channel()
+    with Subscribers(channel, subscribers, settings, settings.probes) as subs:
+        subs.ask("reset")
+        cpu_before = server.cpu_seconds()
+        plan = PublishPlan(channel, events, settings.fanout_publishers, rate,
+                           settings.fanout_max_seconds, settings.pad)
+        pub = run_process(loadgen.publisher_main, plan)
+        expected = pub["accepted"] * subs.ready["connected"]
+        subs.wait_for(expected, settings)
+        got = subs.collect()
+        server_cpu = server.cpu_seconds() - cpu_before
+    return summarize_fanout(subs.ready, pub, got, expected, server_cpu)
+
+
+def summarize_fanout(ready: dict, pub: dict, got: dict, expected: int,
+                     server_cpu: float) -> dict:
+    sends = pub["send_times"]
+    latencies = [t - sends[seq] for seq, t in got["samples"] if seq < len(sends)]
+    last = got["last_frame"] or pub["finished"]  # no frame at all: the publishing time
+    elapsed = max(last - pub["started"], 1e-9)
+    publish_seconds = max(pub["finished"] - pub["started"], 1e-9)
+    return {
+        "subscribers": ready["connected"], "connect_failed": ready["failed"],
+        "connect_errors": ready["errors"], "connect_seconds": round(ready["connect_seconds"], 2),
+        "events": pub["accepted"], "publish_statuses": pub["statuses"],
+        "published_per_s": round(pub["accepted"] / publish_seconds),
+        "deliveries": got["received"], "expected": expected,
+        "lost": max(0, expected - got["received"]),
+        "deliveries_per_s": round(got["received"] / elapsed) if got["received"] else 0,
+        "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies, default=None)), "latency_samples": len(latencies),
+        "closed_by_server": got["closed_by_server"],
+        "seconds": round(elapsed, 2),
+        "server_cpu_pct": round(100 * server_cpu / elapsed),
+        "subscriber_cpu_pct": round(100 * got["cpu"] / elapsed),
+        "publisher_cpu_pct": round(100 * pub["cpu"] / elapsed),
+    }
+
+
+def memory(factory: Callable[[], Server], streams: int, settings: Settings) -> dict:
+    """RSS per idle stream on a fresh server; then one event must reach every stream."""
+    server = factory().start()
+    try:
+        channel = server.new_channel()
+        with Subscribers(channel, 1, settings, 0):  # warm the stream code path once
+            time.sleep(0.2)
+        time.sleep(0.5)
+        before = server.rss_kib()
+        with Subscribers(channel, streams, settings, 0) as subs:
+            time.sleep(1.0)
+            after = server.rss_kib()
+            subs.ask("reset")
+            pub = run_process(loadgen.publisher_main, PublishPlan(channel, 1, 1, pad=settings.pad))
+            delivered = subs.wait_for(streams, settings)
+            held = subs.ready["connected"] - subs.collect()["closed_by_server"]
+        connected = subs.ready["connected"]
+        return {"streams": connected, "failed": subs.ready["failed"],
+                "connect_errors": subs.ready["errors"],
+                "connect_seconds": round(subs.ready["connect_seconds"], 2),
+                "rss_before_kib": before, "rss_after_kib": after,
+                "kib_per_stream": round((after - before) / max(connected, 1), 2),
+                "held": held, "event_delivered_to": delivered if pub["accepted"] else 0,
+                "publish_statuses": pub["statuses"]}
+    finally:
+        server.stop()
+
+
+def inserts(server: Server, publishers: int, auth: str, settings: Settings) -> dict:
+    """Durable inserts/s: `publishers` keep-alive connections, each waiting for its 200."""
+    channel = server.new_channel(auth)  # type: ignore[call-arg]
+    plan = PublishPlan(channel, 1_000_000, publishers, 0, settings.insert_seconds, settings.pad,
+                       record_sends=False)
+    cpu_before = server.cpu_seconds()
+    pub = run_process(loadgen.publisher_main, plan)
+    seconds = max(pub["finished"] - pub["started"], 1e-9)
+    server_cpu = server.cpu_seconds() - cpu_before
+    return {"publishers": publishers, "auth": auth, "accepted": pub["accepted"],
+            "statuses": pub["statuses"], "inserts_per_s": round(pub["accepted"] / seconds),
+            "p50_ms": ms(pub["request_p50"]), "p99_ms": ms(pub["request_p99"]),
+            "max_ms": ms(pub["request_max"]), "seconds": round(seconds, 2),
+            "server_cpu_pct": round(100 * server_cpu / seconds),
+            "publisher_cpu_pct": round(100 * pub["cpu"] / seconds)}
+
+
+def connects(server: Server, settings: Settings) -> dict:
+    """New authenticated streams per second, each reading a sync of `connect_sync` events."""
+    channel = server.new_channel()
+    plan = PublishPlan(channel, settings.connect_sync, 4, 0, 60, settings.pad,
+                       record_sends=False, distinct_events=True)
+    pub = run_process(loadgen.publisher_main, plan)
+    cpu_before = server.cpu_seconds()
+    storm = run_process(loadgen.storm_main, channel, settings.connect_total,
+                        settings.connect_concurrency, pub["accepted"],
+                        settings.connect_max_seconds)
+    server_cpu = server.cpu_seconds() - cpu_before
+    return {"sync_events": pub["accepted"], "completed": storm["completed"],
+            "errors": storm["errors"], "connects_per_s": round(storm["connects_per_s"]),
+            "p50_ms": ms(storm["p50"]), "p99_ms": ms(storm["p99"]),
+            "server_cpu_pct": round(100 * server_cpu / storm["seconds"]),
+            "client_cpu_pct": round(100 * storm["cpu"] / storm["seconds"])}
+
+
+# -- driver -------------------------------------------------------------------------------------
+@contextmanager
+def profiled(server: Server, out_dir: str | None, name: str) -> Iterator[None]:
+    """Record a py-spy flame graph of the server while the block runs (when asked to)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not out_dir or not server.name.startswith("broker") or not Path(py_spy).exists():
+        yield
+        return
+    path = Path(out_dir) / f"{server.name}-{name}.svg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pids()[0]), "-o", str(path),
+                            "-r", "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the load starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes the graph when interrupted
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        log(f"  profile: {path}")
+
+
+def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
+               settings: Settings, results: dict, profile_dir: str | None = None) -> None:
+    """Scenarios 1, 2, 4 and 5 on one server process (memory gets fresh ones)."""
+    wanted = [s for s in scenarios if s != "memory"]
+    if not wanted:
+        return
+    server = factory().start()
+    results["loops"][name] = server.loop()
+    try:
+        if "fanout" in wanted:
+            for size in settings.fanout_sizes:
+                events = max(10, settings.fanout_deliveries // size)
+                log(f"{name}: fan-out to {size} subscribers, {events} events")
+                with profiled(server, profile_dir, f"fanout-{size}"):
+                    row = fanout(server, size, events, 0, settings)
+                results["fanout"].setdefault(str(size), {})[name] = row
+                log(f"  {row['deliveries_per_s']:,} deliveries/s, p99 {row['p99_ms']} ms, "
+                    f"lost {row['lost']}, server cpu {row['server_cpu_pct']}%, "
+                    f"subscriber cpu {row['subscriber_cpu_pct']}%")
+                time.sleep(1)
+        if "latency" in wanted:
+            events = int(settings.latency_rate * settings.latency_seconds)
+            log(f"{name}: {settings.latency_rate:.0f} events/s to "
+                f"{settings.latency_subscribers} subscribers")
+            row = fanout(server, settings.latency_subscribers, events, settings.latency_rate,
+                         settings)
+            results["latency"][name] = row
+            log(f"  p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}")
+            time.sleep(1)
+        if server.durable and "inserts" in wanted:
+            for auth in ("bearer", "basic"):
+                for publishers in settings.insert_publishers:
+                    log(f"{name}: durable inserts, {publishers} publishers, {auth}")
+                    with profiled(server, profile_dir, f"inserts-{publishers}-{auth}"):
+                        row = inserts(server, publishers, auth, settings)
+                    results["inserts"].setdefault(f"{publishers} {auth}", {})[name] = row
+                    log(f"  {row['inserts_per_s']:,} inserts/s, p99 {row['p99_ms']} ms, "
+                        f"statuses {row['statuses']}")
+        if server.durable and "connects" in wanted:
+            log(f"{name}: connects with a sync of {settings.connect_sync} events")
+            with profiled(server, profile_dir, "connects"):
+                row = connects(server, settings)
+            results["connects"][name] = row
+            log(f"  {row['connects_per_s']:,} connects/s, p99 {row['p99_ms']} ms, "
+                f"errors {row['errors']}")
+    finally:
+        server.stop()
+
+
+def run_memory(name: str, factory: Callable[[], Server], settings: Settings,
+               results: dict) -> None:
+    for size in settings.memory_sizes:
+        log(f"{name}: memory with {size} idle streams (fresh process)")
+        row = memory(factory, size, settings)
+        results["memory"].setdefault(str(size), {})[name] = row
+        log(f"  {row['kib_per_stream']} KiB per stream, failed {row['failed']}, "
+            f"event delivered to {row['event_delivered_to']}")
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("uvloop", "starlette", "uvicorn", "sse-starlette", "h11"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["nginx"] = nginx_version()
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "fsync_ms": fsync_ms(), "tmpdir": tempfile.gettempdir(),
+            "python": platform.python_version(), "client_loop": client_loop(),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "versions": versions,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def fsync_ms(count: int = 100) -> float:
+    """Latency of a small write + fsync where the servers' files go (TMPDIR): it bounds
+    how fast durable inserts can be acknowledged."""
+    with tempfile.NamedTemporaryFile() as handle:
+        started = time.perf_counter()
+        for _ in range(count):
+            handle.write(b"x" * 128)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return round((time.perf_counter() - started) / count * 1000, 3)
+
+
+def client_loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def merge_previous(results: dict, scenarios: list[str], previous_path: Path) -> None:
+    """Take the scenarios that did not run now from an earlier results file."""
+    if not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    date = previous.get("ran_at", {})
+    results.setdefault("ran_at", {})
+    for scenario in SCENARIOS:
+        if scenario not in scenarios and previous.get(scenario):
+            results[scenario] = previous[scenario]
+            results["ran_at"][scenario] = date.get(scenario, previous["machine"]["date"])
+            for name in previous.get("servers", []):
+                if name not in results["servers"]:
+                    results["servers"].append(name)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="broker benchmark (see bench/README.md)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run with small sizes")
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS),
+                        help="comma-separated, from: " + ", ".join(ALL_SERVERS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, from: " + ", ".join(SCENARIOS))
+    parser.add_argument("--fanout-sizes", help="subscriber counts, e.g. 100,1000,5000")
+    parser.add_argument("--memory-sizes", help="idle stream counts, e.g. 5000,10000")
+    parser.add_argument("--sub-procs", type=int, help="subscriber processes (default 2)")
+    parser.add_argument("--publishers", type=int,
+                        help="concurrent publisher connections in fan-out (default 16)")
+    parser.add_argument("--nchan-workers", type=int, default=0,
+                        help="nginx worker processes (default: auto, one per core)")
+    parser.add_argument("--broker-args", default="",
+                        help='extra broker flags, e.g. --broker-args="--max_connections 20000"')
+    parser.add_argument("--py-spy", metavar="DIR",
+                        help="record a py-spy flame graph of broker for each fan-out, insert "
+                             "and connect run into DIR (needs `pip install py-spy`, root or "
+                             "ptrace rights)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the scenarios not run now from the results.json in --out "
+                             "(each table notes the date of the run it comes from)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench"),
+                        help="directory for results.md, results.png and results.json")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    settings = QUICK if args.quick else Settings()
+    if args.fanout_sizes:
+        settings.fanout_sizes = [int(x) for x in args.fanout_sizes.split(",")]
+    if args.memory_sizes:
+        settings.memory_sizes = [int(x) for x in args.memory_sizes.split(",")]
+    if args.sub_procs:
+        settings.sub_procs = args.sub_procs
+    if args.publishers:
+        settings.fanout_publishers = args.publishers
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    loadgen.raise_fd_limit()
+    factories = server_factories([s for s in args.servers.split(",") if s], args.nchan_workers,
+                                 shlex.split(args.broker_args))
+    machine_info = machine()
+    results: dict = {"machine": machine_info, "settings": asdict(settings), "quick": args.quick,
+                     "broker_args": args.broker_args,
+                     "ran_at": {scenario: machine_info["date"] for scenario in scenarios},
+                     "servers": list(factories), "loops": {},
+                     **{scenario: {} for scenario in SCENARIOS}}
+    log(f"servers: {', '.join(factories)}; scenarios: {', '.join(scenarios)}")
+    started = time.monotonic()
+    for name, factory in factories.items():
+        run_server(name, factory, scenarios, settings, results, args.py_spy)
+        if "memory" in scenarios:
+            run_memory(name, factory, settings, results)
+    results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["seconds"] = round(time.monotonic() - started)
+    if args.merge:
+        merge_previous(results, scenarios, Path(args.out) / "results.json")
+    import report  # matplotlib is imported only now, after the measurements
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    report.chart(results, out / "results.png")
+    log(f"wrote {out / 'results.md'}, results.png and results.json in {results['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()
