@@ -310,6 +310,16 @@ class Tenant:
         self.syncing: dict[Connection, list[Event]] = {}
         self._snapshot: tuple[Connection, ...] | None = None
 
+    def add_live(self, conn: Connection) -> None:
+        self.live.add(conn)
+        self._snapshot = None
+
+    def remove(self, conn: Connection) -> None:
+        self.syncing.pop(conn, None)
+        if conn in self.live:
+            self.live.discard(conn)
+            self._snapshot = None
+
     def members(self) -> tuple[Connection, ...]:
         # A tuple, rebuilt only when membership changes, so a subscriber can be dropped
         # while an event is being written out.
@@ -376,8 +386,7 @@ class Hub:
             return
         self.waiting.pop(conn, None)
         held = [event for event in tenant.syncing.pop(conn) if event.id > sent_upto]
-        tenant.live.add(conn)
-        tenant._snapshot = None
+        tenant.add_live(conn)
         if held:
             conn.send_events(held)
 
@@ -385,10 +394,7 @@ class Hub:
         self.waiting.pop(conn, None)
         tenant = self.tenants.get(conn.tenant)
         if tenant is not None:
-            tenant.syncing.pop(conn, None)
-            if conn in tenant.live:
-                tenant.live.discard(conn)
-                tenant._snapshot = None
+            tenant.remove(conn)
             if not tenant.live and not tenant.syncing:
                 del self.tenants[conn.tenant]
         users = self.by_user.get(conn.username)
@@ -407,7 +413,8 @@ class Hub:
                 conn.end_stream()
 
     def heartbeat(self) -> None:
-        for tenant in self.tenants.values():
+        # A copy: a write can cut a slow subscriber and so remove its tenant.
+        for tenant in list(self.tenants.values()):
             tenant.write(HEARTBEAT, framed=HEARTBEAT_CHUNK)
 
     def count(self) -> int:
@@ -1058,8 +1065,10 @@ class Connection(asyncio.Protocol):
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as exc:
-                # h11 hints 501 for a Transfer-Encoding it cannot decode; garbage is a 4xx.
-                self.reject(min(exc.error_status_hint, 400), f"bad request: {exc}")
+                # h11 hints 431 for an overlong head, 400 for most garbage, and 501 for a
+                # Transfer-Encoding it cannot decode: garbage from the client is a 4xx.
+                hint = exc.error_status_hint
+                self.reject(hint if hint < 500 else 400, f"bad request: {exc}")
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +116,47 @@ def test_forwarded_for_is_ignored_from_untrusted_peers(make_server):
     assert failed_logins(srv, 6, "198.51.100.1") == [401] * 6
     # Spoofing another address does not escape the limit on the real peer.
     assert failed_logins(srv, 1, "198.51.100.2") == [429]
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed, so no certificate can be made for the TLS test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_tls_serves_the_api_and_the_stream(make_server, certificate):
+    cert, key = certificate
+    srv = make_server("--cert_path", str(cert), "--key_path", str(key))
+    assert "https" in srv.log
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def call(method: str, path: str, body=None, headers=None) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=context, timeout=10)
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read() if path != "/sse" else resp.read1(65536)
+
+    assert call("GET", "/") == (200, b'{"status":"ok"}')
+    assert call("POST", "/create_user", {"username": "tls", "password": "password-tls",
+                                         "admin_token": srv.admin_token, "tenant_name": "t",
+                                         "scopes": []})[0] == 200
+    status, body = call("POST", "/login", {"username": "tls", "password": "password-tls"})
+    auth = bearer(json.loads(body)["jwt"])
+    assert call("POST", "/insert", {"event": "secure", "data": [1]}, auth)[0] == 200
+    status, first = call("GET", "/sse", headers=auth)
+    assert status == 200 and b"event:secure\ndata:[1]\n\n" in first
+    # Plain HTTP on the TLS port gets no answer in clear text.
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            reply = plain.recv(4096)
+        except ConnectionResetError:
+            reply = b""
+        assert b"200 OK" not in reply
