@@ -1300,6 +1300,9 @@ async def serve(config: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Logs go to stderr (the journal, under systemd), so there is no file to reopen: a
+    # SIGHUP from log rotation or a closed terminal must not stop the server.
+    loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: logging to stderr, nothing to reopen")
     beat = asyncio.create_task(heartbeats(app))
     await stop.wait()
     log.info("shutting down")

@@ -152,3 +152,14 @@ def test_sigterm_lets_a_request_still_being_received_finish(make_server):
 
     server.start()
     assert replay_all(server, auth) == [(event_id, "inflight", {"late": True})]
+
+
+def test_sighup_does_not_stop_the_server(server):
+    auth = server.user(unique("hup"))
+    stream = server.sse(auth)
+    server.proc.send_signal(signal.SIGHUP)
+    assert eventually(lambda: "SIGHUP" in server.log, timeout=5)
+    assert server.proc.poll() is None
+    assert server.insert(auth, "after_hup", 1).status == 200
+    assert stream.next().event == "after_hup"
+    stream.close()
