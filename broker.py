@@ -947,22 +947,10 @@ def last_event_id(req: Request) -> int | None:
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = (
-        "app",
-        "body",
-        "chunked",
-        "client",
-        "drain_waiter",
-        "http",
-        "reading",
-        "request",
-        "started",
-        "tenant",
-        "timer",
-        "transport",
-        "username",
-        "write_paused",
-    )
+    # No per-instance dict: an idle stream is mostly this object and its transport.
+    __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
+                 "request", "started", "tenant", "timer", "transport", "username",
+                 "write_paused")
 
     def __init__(self, app: App) -> None:
         self.app = app
