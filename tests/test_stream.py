@@ -3,7 +3,9 @@ heartbeats, and the fan-out engine's treatment of a stalled reader. Real server,
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
 import random
 import selectors
 import socket
@@ -464,3 +466,57 @@ def test_stalled_subscriber_is_cut_off_while_others_stay_on_time(make_server):
     resumed.close()
     for stream in streams:
         stream.close()
+
+
+# -- long backlogs and old clients --------------------------------------------------------
+
+
+def insert_many(server: Server, auth: dict[str, str], count: int, size: int) -> list[int]:
+    """Insert `count` events of about `size` bytes over one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    ids = []
+    for n in range(count):
+        body = json.dumps({"event": f"e{n % 7}", "data": {"n": n, "pad": "x" * size}})
+        conn.request("POST", "/insert", body, {**auth, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        ids.append(json.loads(resp.read())["id"])
+    conn.close()
+    return ids
+
+
+def test_a_long_replay_to_a_slow_reader_arrives_whole(make_server):
+    # The replay (about 5 MB in three pages) is far larger than --max_buffer and than what
+    # loopback's socket buffers hold: while syncing, the server waits for a slow reader
+    # instead of cutting it off as it would a live one.
+    server = make_server("--max_buffer", "65536")
+    auth = server.user(unique("replayer"))
+    ids = insert_many(server, auth, 2500, 2000)
+    stream = server.sse(auth, headers={"Last-Event-ID": "0"})
+    time.sleep(1.0)  # a slow phone: the server's buffer fills up first
+    received = []
+    for n in range(len(ids)):
+        if n % 500 == 0:
+            time.sleep(0.2)
+        received.append(stream.next(timeout=10).id)
+    assert received == ids
+    live = server.insert(auth, "after", 1).json()["id"]
+    assert stream.next().id == live
+    stream.close()
+
+
+def test_http_1_0_clients_get_a_plain_stream_that_ends_with_the_connection(server):
+    auth = server.user(unique("old"))
+    first = server.insert(auth, "before", {"v": 1}).json()["id"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"GET /sse HTTP/1.0\r\nAuthorization: {auth['Authorization']}\r\n\r\n"
+                     .encode())
+        data = b""
+        while b'data:{"v":1}\n\n' not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"transfer-encoding" not in head.lower()
+        assert body == f'id:{first}\nevent:before\ndata:{{"v":1}}\n\n'.encode()
