@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,6 +26,7 @@ import resource
 import secrets
 import signal
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -468,7 +470,8 @@ class Auth:
         self.users: dict[str, User] = {}
         self.hasher = argon2.PasswordHasher()
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
+                                       initializer=lower_thread_priority)
         self.queued_hashes = 0
         self.dummy_hash = self.hasher.hash(secrets.token_hex(8))
         # Verified Basic credentials, as keyed hashes of (stored hash, password): a password
@@ -619,6 +622,13 @@ class Auth:
     def basic_digest(self, user: User, password: str) -> bytes:
         return hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
                         hashlib.sha256).digest()
+
+
+def lower_thread_priority() -> None:
+    """Nice this thread (and the threads Argon2 starts from it for its lanes), so that the
+    scheduler prefers the event loop: inserts and streams stay prompt during a login flood."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def unauthorized(message: str) -> HTTPError:
