@@ -228,11 +228,8 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 
 
-def text_field(body: dict[str, Any], name: str, *, max_len: int = 64,
-               required: bool = True) -> str | None:
+def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
     """A non-empty string of at most max_len characters without control characters."""
-    if name not in body and not required:
-        return None
     value = body.get(name)
     if not isinstance(value, str):
         raise HTTPError(400, f"{name} is required and must be a string")
@@ -243,10 +240,7 @@ def text_field(body: dict[str, Any], name: str, *, max_len: int = 64,
     return value
 
 
-def password_field(body: dict[str, Any], checker: Callable[[str], str | None] | None,
-                   required: bool = True) -> str | None:
-    if "password" not in body and not required:
-        return None
+def password_field(body: dict[str, Any], checker: Callable[[str], str | None] | None) -> str:
     value = body.get("password")
     if not isinstance(value, str):
         raise HTTPError(400, "password is required and must be a string")
@@ -280,7 +274,7 @@ def scopes_field(body: dict[str, Any]) -> list[str]:
 
 def event_name_field(body: dict[str, Any]) -> str:
     # A CR or LF in the name would inject SSE fields into every subscriber's stream.
-    return text_field(body, "event", max_len=256)  # type: ignore[return-value]
+    return text_field(body, "event", max_len=256)
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,10 +531,16 @@ class Auth:
         token = body.get("admin_token")
         if not isinstance(token, str):
             raise HTTPError(400, "admin_token is required and must be a string")
-        self.throttle.check(f"admin:{client}", self.config.auth_failures * 3)
-        if not hmac.compare_digest(token.encode(), self.config.admin_token.encode()):
-            self.throttle.fail(f"admin:{client}")
+        if not self.is_admin_token(token, client):
             raise HTTPError(401, "wrong admin_token")
+
+    def is_admin_token(self, token: str, client: str) -> bool:
+        """A constant-time comparison; failures are throttled per client address."""
+        self.throttle.check(f"admin:{client}", self.config.auth_failures * 3)
+        if hmac.compare_digest(token.encode(), self.config.admin_token.encode()):
+            return True
+        self.throttle.fail(f"admin:{client}")
+        return False
 
     # -- tokens -----------------------------------------------------------------------
     async def issue_jwt(self, user: User) -> str:
@@ -795,8 +795,8 @@ class App:
         tenant = text_field(body, "tenant_name")
         email = email_field(body)
         scopes = scopes_field(body)
-        user = User(str(uuid.uuid4()), username, await self.auth.hash(password), False,  # type: ignore[arg-type]
-                    tenant, email, scopes, body.get("data"), 0)  # type: ignore[arg-type]
+        user = User(str(uuid.uuid4()), username, await self.auth.hash(password), False,
+                    tenant, email, scopes, body.get("data"), 0)
         try:
             await self.store.create_user(user)
         except UsernameTaken:
@@ -872,15 +872,12 @@ class App:
     async def metrics_page(self, req: Request) -> Response:
         """Prometheus metrics; the admin token goes in an `Authorization: Bearer` header."""
         scheme, _, token = req.headers.get("authorization", "").partition(" ")
-        self.auth.throttle.check(f"admin:{req.client}", self.config.auth_failures * 3)
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.config.admin_token.encode()):
-            self.auth.throttle.fail(f"admin:{req.client}")
+        if scheme.lower() != "bearer" or not self.auth.is_admin_token(token.strip(), req.client):
             raise unauthorized("metrics need the admin token as a Bearer token")
         text = self.metrics.render(self)
         return Response(200, text.encode(), content_type="text/plain; version=0.0.4")
 
-    async def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
+    def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
         body = read_json(req)
         self.auth.check_admin(body, req.client)
         username = body.get("username")
@@ -896,13 +893,13 @@ class App:
         return user
 
     async def revoke_user(self, req: Request) -> Response:
-        _, username = await self._admin_target(req)
+        _, username = self._admin_target(req)
         await self._change_user(username, {"revoked": True})
         self.hub.close_user(username)
         return reply({"username": username, "revoked": True})
 
     async def unrevoke_user(self, req: Request) -> Response:
-        _, username = await self._admin_target(req)
+        _, username = self._admin_target(req)
         await self._change_user(username, {"revoked": False})
         return reply({"username": username, "revoked": False})
 
@@ -911,14 +908,14 @@ class App:
         return reply([user_object(user) for user in await self.store.list_users()])
 
     async def get_user(self, req: Request) -> Response:
-        _, username = await self._admin_target(req)
+        _, username = self._admin_target(req)
         user = await self.store.get_user(username)
         if user is None:
             raise HTTPError(404, f"no user named {username!r}")
         return reply(user_object(user))
 
     async def update_user(self, req: Request) -> Response:
-        body, username = await self._admin_target(req)
+        body, username = self._admin_target(req)
         changes: dict[str, Any] = {}
         if "tenant_name" in body:
             changes["tenant_name"] = text_field(body, "tenant_name")
@@ -928,7 +925,7 @@ class App:
             changes["scopes"] = scopes_field(body)
         if "data" in body:
             changes["data"] = body["data"]
-        password = password_field(body, self.password_checker, required=False)
+        password = password_field(body, self.password_checker) if "password" in body else None
         if password is not None:
             changes["password_hash"] = await self.auth.hash(password)
             # Void every JWT issued up to and including this second.
