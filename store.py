@@ -328,7 +328,7 @@ class Store:
             cursor = conn.execute(
                 "INSERT INTO events (tenant_name, event, data, timestamp) VALUES (?, ?, ?, ?)",
                 (tenant_name, event, data, stamp))
-            event_id = cursor.lastrowid
+            event_id: int = cursor.lastrowid  # type: ignore[assignment]  # set by an INSERT
             conn.execute(
                 "INSERT INTO latest (tenant_name, event, event_id) VALUES (?, ?, ?) "
                 "ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id",
