@@ -544,11 +544,11 @@ class Auth:
 
     # -- tokens -----------------------------------------------------------------------
     async def issue_jwt(self, user: User) -> str:
-        now = time.time()
-        if now < user.tokens_valid_after:
-            # The password changed this very second; tokens of this second are void.
-            await asyncio.sleep(user.tokens_valid_after - now)
-        issued = int(time.time())
+        # After a password change, tokens of that second are void: wait for the next one.
+        # (A loop, because a timer may fire a little early: libuv's clock is cached.)
+        while (now := time.time()) < user.tokens_valid_after:
+            await asyncio.sleep(user.tokens_valid_after - now + 0.001)
+        issued = int(now)
         claims = {"iat": issued, "exp": issued + self.config.jwt_expiry, "sub": user.username,
                   "iss": JWT_ISSUER, "aud": ",".join(user.scopes)}
         return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
