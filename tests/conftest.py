@@ -147,6 +147,15 @@ class Server:
         return SSE(self.port, path, {**(auth or {}), **(headers or {})}, timeout)
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Give a helper process `timeout` seconds to exit on its own, then kill it."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, basic, bearer
+from conftest import Server, basic, bearer, wait_or_kill
 
 NPM_DIR = Path(__file__).resolve().parent / "npm"
 NODE = shutil.which("node")
@@ -135,11 +135,7 @@ class NodeSubscriber:
         # Closing stdin makes the driver call client.close() and exit.
         if self.proc.poll() is None:
             self.proc.stdin.close()  # type: ignore[union-attr]
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            wait_or_kill(self.proc)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Server
+from conftest import ROOT, Server, wait_or_kill
 from stream_support import wait_until_closed
 
 DOCS = ROOT / "docs"
@@ -73,11 +73,7 @@ class Proxy:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            wait_or_kill(self.proc)
 
 
 @pytest.fixture
