@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -673,9 +674,7 @@ class Metrics:
     def observe_insert(self, seconds: float) -> None:
         self.events_inserted += 1
         self.insert_seconds += seconds
-        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound),
-                     len(LATENCY_BUCKETS))
-        self.insert_buckets[index] += 1
+        self.insert_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def render(self, app: App) -> str:
         tenants = app.hub.tenants
@@ -1097,12 +1096,12 @@ class Connection(asyncio.Protocol):
         if head_size > MAX_HEADER_BYTES:
             self.reject(431, "request line and headers over 16 KiB")
             return False
-        names = {name for name, _ in request.headers}
-        if b"content-length" in names and b"transfer-encoding" in names:
+        headers = dict(request.headers)
+        if b"content-length" in headers and b"transfer-encoding" in headers:
             # Ambiguous framing, the stuff of request smuggling (RFC 9112 section 6.1).
             self.reject(400, "both Content-Length and Transfer-Encoding")
             return False
-        length = dict(request.headers).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and int(length) > self.app.config.max_body:
             self.reject(413, f"body over {self.app.config.max_body} bytes")
             return False

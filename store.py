@@ -338,7 +338,7 @@ class Store:
 
     async def newest_event_id(self) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            return conn.execute(NEWEST_ID).fetchone()[0]
         return await self._read(run)
 
     async def latest_events(self, tenant_name: str) -> tuple[list[Event], int]:
@@ -355,6 +355,7 @@ class Store:
                                                              (tenant_name, after_id, limit)))
 
 
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 LATEST_OF_TENANT = """
     SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
     FROM latest l JOIN events e ON e.id = l.event_id
@@ -369,7 +370,7 @@ def _with_newest_id(conn: sqlite3.Connection, query: str,
     conn.execute("BEGIN")  # one snapshot for both statements
     try:
         rows = conn.execute(query, args).fetchall()
-        newest = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        newest = conn.execute(NEWEST_ID).fetchone()[0]
     finally:
         conn.execute("COMMIT")
     return [Event(*row) for row in rows], newest
