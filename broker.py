@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import secrets
@@ -30,6 +31,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +81,10 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("max_streams_per_user", int, 100,
+     "event streams one user may hold open; one more closes that user's oldest"),
+    ("cache_bytes", int, 64 << 20,
+     "bytes of encoded events kept in memory for syncs and short replays"),
 ]
 
 
@@ -294,6 +300,17 @@ def chunk(payload: bytes) -> bytes:
 
 
 HEARTBEAT = b":\n\n"
+
+
+def retry_frame() -> bytes:
+    """The first frame of every stream: EventSource's reconnection delay, 2 to 6 s and
+    different for each stream, so that after a restart browsers come back spread out rather
+    than all at once. The comment line before it names `data:`, `event:` and `id:` with
+    nothing after them: broker-client finds fields by indexOf on the whole frame and would
+    otherwise read the retry line as an event named ":300" with data "y:300"; this way it
+    sees an empty frame, as for a heartbeat. EventSource skips the comment, and a frame
+    without data dispatches nothing."""
+    return b":data:event:id:\nretry:%d\n\n" % random.randint(2000, 6000)
 HEARTBEAT_CHUNK = chunk(HEARTBEAT)
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -336,10 +353,198 @@ class Tenant:
         return len(members)
 
 
+# -- what a new subscriber is sent, kept in memory ------------------------------------------
+# Per tenant: the newest event of each name (the sync) and its most recent events (for short
+# replays), already encoded as frames and kept current by every publish, so that a connect
+# reads no SQL. Loaded from the store on a tenant's first connect, once however many
+# subscribers ask at the same moment.
+
+RECENT_LOADED = 100  # a tenant's newest events read when its state is loaded
+RECENT_KEPT = 1000  # events of a tenant's recent past kept at most, and at most RECENT_BYTES
+RECENT_BYTES = 256 * 1024
+STATE_LOAD_TIMEOUT = 10.0
+
+
+def _event_id(item: tuple[int, str, bytes]) -> int:
+    return item[0]
+
+
+class TenantState:
+    """One tenant's latest values and recent past, as SSE frames. Every event of the tenant
+    with an id above `horizon` is in `recent`; events are applied newest-wins, so applying
+    one twice or out of order changes nothing."""
+
+    __slots__ = ("_sync", "horizon", "latest", "recent", "recent_bytes", "size", "upto")
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[int, bytes]] = {}  # event name -> (id, frame)
+        self.recent: list[tuple[int, str, bytes]] = []  # (id, name, frame), in id order
+        self.recent_bytes = 0
+        self.horizon = 0
+        self.size = 0  # bytes of frames held, counted against --cache_bytes
+        self._sync: bytes | None = None  # the latest values joined, built on demand
+        # None while the cache keeps this state current; else the newest published id it
+        # reflects (it was evicted, or never cached).
+        self.upto: int | None = None
+
+    def apply(self, event: Event) -> None:
+        frame = sse_frame(event)
+        current = self.latest.get(event.event)
+        if current is None or current[0] < event.id:
+            self.latest[event.event] = (event.id, frame)
+            self.size += len(frame) - (len(current[1]) if current else 0)
+            self._forget_sync()
+        if event.id > self.horizon:
+            self._add_recent((event.id, event.event, frame))
+
+    def _add_recent(self, item: tuple[int, str, bytes]) -> None:
+        recent = self.recent
+        if recent and recent[-1][0] >= item[0]:  # not the newest: a late or repeated event
+            at = bisect.bisect_left(recent, item[0], key=_event_id)
+            if at < len(recent) and recent[at][0] == item[0]:
+                return
+            recent.insert(at, item)
+        else:
+            recent.append(item)
+        self._resize_recent(len(item[2]))
+        while len(recent) > RECENT_KEPT or self.recent_bytes > RECENT_BYTES:
+            dropped = recent.pop(0)
+            self.horizon = dropped[0]
+            self._resize_recent(-len(dropped[2]))
+
+    def _resize_recent(self, delta: int) -> None:
+        self.recent_bytes += delta
+        self.size += delta
+
+    def _forget_sync(self) -> None:
+        if self._sync is not None:
+            self.size -= len(self._sync)
+            self._sync = None
+
+    def load(self, latest: list[Event], recent: list[Event], whole_log: bool) -> None:
+        """Merge what the store returned into what publish() applied meanwhile."""
+        if not whole_log and recent:
+            # max: publish() may have trimmed what it applied meanwhile past that point.
+            self.horizon = max(self.horizon, recent[0].id - 1)
+            self.recent = [item for item in self.recent if item[0] > self.horizon]
+            self.recent_bytes = sum(len(item[2]) for item in self.recent)
+        for event in (*latest, *recent):
+            self.apply(event)
+        self.size = self.recent_bytes + sum(len(frame) for _, frame in self.latest.values())
+
+    def sync(self) -> bytes:
+        """The newest event of each name, oldest first."""
+        if self._sync is None:
+            self._sync = b"".join(frame for _, frame in sorted(self.latest.values()))
+            self.size += len(self._sync)
+        return self._sync
+
+    def after(self, last_id: int) -> bytes | None:
+        """The frames of every event after `last_id`, or None when some are not in memory."""
+        if last_id < self.horizon:
+            return None
+        at = bisect.bisect_right(self.recent, last_id, key=_event_id)
+        return b"".join(frame for _, _, frame in self.recent[at:])
+
+
+class StateCache:
+    """The TenantStates of recently used tenants, within `max_bytes` of frames in all.
+
+    Tenants with subscribers keep theirs; over the budget, the least recently used tenant
+    without subscribers goes first, and only then one with subscribers (whose next connect
+    loads it again). A state bigger than the whole budget is used once and not kept."""
+
+    def __init__(self, hub: Hub, max_bytes: int) -> None:
+        self.hub = hub
+        self.max_bytes = max_bytes
+        self.active: OrderedDict[str, TenantState] = OrderedDict()  # least recently used first
+        self.idle: OrderedDict[str, TenantState] = OrderedDict()
+        self.loading: dict[str, TenantState] = {}
+        self.loads: dict[str, asyncio.Future[TenantState]] = {}
+        self.size = 0
+        self.evictions = 0
+
+    def cached(self, tenant: str) -> TenantState | None:
+        for pool in (self.active, self.idle):
+            state = pool.get(tenant)
+            if state is not None:
+                pool.move_to_end(tenant)
+                return state
+        return None
+
+    def set_active(self, tenant: str, active: bool) -> None:
+        """The tenant got its first subscriber (active) or lost its last one."""
+        source, target = (self.idle, self.active) if active else (self.active, self.idle)
+        state = source.pop(tenant, None)
+        if state is not None:
+            target[tenant] = state
+
+    def remember(self, events: list[Event]) -> None:
+        """Apply newly published events to the states that hold their tenants."""
+        for event in events:
+            name = event.tenant_name
+            state = self.active.get(name) or self.idle.get(name)
+            if state is not None:
+                before = state.size
+                state.apply(event)
+                self.size += state.size - before
+            elif name in self.loading:  # counted once loaded
+                self.loading[name].apply(event)
+        if self.size > self.max_bytes:
+            self.evict()
+
+    def evict(self, keep: TenantState | None = None) -> None:
+        for pool in (self.idle, self.active):
+            while self.size > self.max_bytes and pool:
+                tenant, state = next(iter(pool.items()))
+                if state is keep:  # the newest, so the last one left in its pool
+                    break
+                del pool[tenant]
+                self.drop(state)
+
+    def drop(self, state: TenantState) -> None:
+        self.size -= state.size
+        self.evictions += 1
+        state.upto = self.hub.published_upto  # no longer kept current
+
+    async def load(self, tenant: str, store: Store) -> TenantState:
+        """Read a tenant's state from the store; concurrent callers share one read."""
+        future = self.loads.get(tenant)
+        if future is None:
+            future = self.loads[tenant] = asyncio.ensure_future(self._load(tenant, store))
+            future.add_done_callback(lambda _: self.loads.pop(tenant, None))
+        return await asyncio.shield(future)
+
+    async def _load(self, tenant: str, store: Store) -> TenantState:
+        state = self.loading[tenant] = TenantState()  # publish() applies to it meanwhile
+        try:
+            latest, recent, covered = await store.tenant_state(tenant, RECENT_LOADED)
+            # Events up to `covered` are in what was read; wait until publish() has seen
+            # them too, or they would be applied again later and sent twice.
+            await asyncio.wait_for(self.hub.published(covered), STATE_LOAD_TIMEOUT)
+        finally:
+            del self.loading[tenant]
+        state.load(latest, recent, whole_log=len(recent) < RECENT_LOADED)
+        if state.size > self.max_bytes:
+            state.upto = self.hub.published_upto
+            return state
+        pool = self.active if tenant in self.hub.tenants else self.idle
+        pool[tenant] = state
+        self.size += state.size
+        self.evict(keep=state)
+        return state
+
+
 class Hub:
-    def __init__(self, published_upto: int = 0) -> None:
+    def __init__(self, published_upto: int = 0, cache_bytes: int = 64 << 20,
+                 max_streams_per_user: int = 100) -> None:
         self.tenants: dict[str, Tenant] = {}
-        self.by_user: dict[str, set[Connection]] = {}
+        # A user's streams, oldest first (a dict keeps insertion order).
+        self.by_user: dict[str, dict[Connection, None]] = {}
+        self.max_streams_per_user = max_streams_per_user
+        self.user_streams_closed = 0
+        self.states = StateCache(self, cache_bytes)
+        self.catching_up: list[tuple[int, asyncio.Future[None]]] = []
         # The newest event id handed to publish(). A backlog read can see a commit a moment
         # before it is published; such a subscriber waits here (id it has been sent up to)
         # until publish() catches up, or it would receive those events twice.
@@ -362,16 +567,55 @@ class Hub:
             if tenant.live:
                 written = tenant.write(b"".join(sse_frame(event) for event in batch))
                 self.frames_delivered += written * len(batch)
+        self.states.remember(events)
         self.published_upto = events[-1].id
         for conn, sent_upto in list(self.waiting.items()):
             if sent_upto <= self.published_upto:
                 self.go_live(conn, sent_upto)
+        self.release_caught_up()
+
+    async def published(self, upto: int) -> None:
+        """Return once publish() has been handed every event up to `upto`."""
+        if upto > self.published_upto:
+            future = asyncio.get_running_loop().create_future()
+            self.catching_up.append((upto, future))
+            await future
+
+    def release_caught_up(self) -> None:
+        if self.catching_up:
+            waiting, self.catching_up = self.catching_up, []
+            for upto, future in waiting:
+                if upto > self.published_upto:
+                    self.catching_up.append((upto, future))
+                elif not future.done():
+                    future.set_result(None)
+
+    async def state_of(self, tenant: str, store: Store) -> tuple[TenantState, int]:
+        """The tenant's state, and the newest published id it reflects. No SQL, and no
+        wait, when the state is cached; use it before awaiting anything else."""
+        state = self.states.cached(tenant) or await self.states.load(tenant, store)
+        return state, self.published_upto if state.upto is None else state.upto
 
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
-        tenant = self.tenants.setdefault(conn.tenant, Tenant())
+        tenant = self.tenants.get(conn.tenant)
+        if tenant is None:
+            tenant = self.tenants[conn.tenant] = Tenant()
+            self.states.set_active(conn.tenant, True)
         tenant.syncing[conn] = []
-        self.by_user.setdefault(conn.username, set()).add(conn)
+        streams = self.by_user.setdefault(conn.username, {})
+        streams[conn] = None
+        if len(streams) > self.max_streams_per_user:
+            self.close_oldest_stream(list(streams)[:-1])
+
+    def close_oldest_stream(self, streams: list[Connection]) -> None:
+        """A user is over --max_streams_per_user (a front end that opens a stream on every
+        render, say): close the stream with the most unsent bytes, a zombie behind a dead
+        NAT, or else the oldest. A live tab simply reconnects."""
+        victim = max(streams, key=lambda conn: conn.transport.get_write_buffer_size())
+        self.user_streams_closed += 1
+        log.info("closing the oldest stream of %s: over --max_streams_per_user", victim.username)
+        victim.end_stream()
 
     def go_live(self, conn: Connection, sent_upto: int) -> None:
         """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
@@ -394,9 +638,10 @@ class Hub:
             tenant.remove(conn)
             if not tenant.live and not tenant.syncing:
                 del self.tenants[conn.tenant]
+                self.states.set_active(conn.tenant, False)
         users = self.by_user.get(conn.username)
         if users is not None:
-            users.discard(conn)
+            users.pop(conn, None)
             if not users:
                 del self.by_user[conn.username]
 
@@ -694,6 +939,14 @@ class Metrics:
             f"broker_frames_delivered_total {app.hub.frames_delivered}",
             "# TYPE broker_slow_consumer_disconnects_total counter",
             f"broker_slow_consumer_disconnects_total {app.hub.slow_consumers_cut}",
+            "# TYPE broker_user_stream_limit_closes_total counter",
+            f"broker_user_stream_limit_closes_total {app.hub.user_streams_closed}",
+            "# TYPE broker_state_cache_bytes gauge",
+            f"broker_state_cache_bytes {app.hub.states.size}",
+            "# TYPE broker_state_cache_tenants gauge",
+            f"broker_state_cache_tenants {len(app.hub.states.active) + len(app.hub.states.idle)}",
+            "# TYPE broker_state_cache_evictions_total counter",
+            f"broker_state_cache_evictions_total {app.hub.states.evictions}",
             "# TYPE broker_requests_total counter",
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
@@ -726,7 +979,8 @@ def user_object(user: User) -> dict[str, Any]:
 class App:
     def __init__(self, config: argparse.Namespace) -> None:
         self.config = config
-        self.hub = Hub()
+        self.hub = Hub(cache_bytes=config.cache_bytes,
+                       max_streams_per_user=config.max_streams_per_user)
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)
@@ -840,13 +1094,14 @@ class App:
         conn.start_stream(user, req.client)
         self.hub.join(conn)
         try:
-            # `covered`: the newest id in the database when the sync was read. Every event
-            # up to it was sent or is not wanted (superseded, or the client had it).
+            # `covered`: the newest published id the sync or replay reflects. Every event up
+            # to it was sent or is not wanted (superseded, or the client had it); later ones
+            # were held for this subscriber since join().
+            state, covered = await self.hub.state_of(user.tenant_name, self.store)
             if last_id is None:
-                latest, covered = await self.store.latest_events(user.tenant_name)
-                conn.send_events(latest)
+                conn.send_frames(state.sync())
             else:
-                covered = await self.replay(conn, user.tenant_name, last_id)
+                covered = await self.replay(conn, state, covered, last_id)
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
@@ -855,9 +1110,16 @@ class App:
         self.hub.go_live(conn, covered)
         return STREAMING
 
-    async def replay(self, conn: Connection, tenant: str, after: int) -> int:
-        """Send every event of the tenant after `after`, page by page. Returns the newest id
-        in the database at the last read."""
+    async def replay(self, conn: Connection, state: TenantState, covered: int,
+                     after: int) -> int:
+        """Send every event of the tenant after `after`: from memory when the tenant's recent
+        past reaches back that far, else from the store page by page. Returns the newest id
+        the events sent reflect."""
+        recent = state.after(after)
+        if recent is not None:
+            conn.send_frames(recent)
+            return covered
+        tenant = conn.tenant
         while True:
             page, newest = await self.store.events_after(tenant, after, SYNC_PAGE)
             if page:
@@ -1220,9 +1482,11 @@ class Connection(asyncio.Protocol):
         headers = self.base_headers() + [
             ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
             ("x-accel-buffering", "no")]
-        self.transport.write(self.http.send(h11.Response(status_code=200, headers=headers)))
+        head = self.http.send(h11.Response(status_code=200, headers=headers))
         # h11 picked the framing: chunked for HTTP/1.1 clients, close-delimited for 1.0.
         self.chunked = self.http.their_http_version != b"1.0"
+        retry = retry_frame()
+        self.transport.write(head + (chunk(retry) if self.chunked else retry))
         self.log_request("GET", "/sse", 200, client)
         self.http = None
         self.request = None
@@ -1233,10 +1497,10 @@ class Connection(asyncio.Protocol):
         self.tenant = user.tenant_name
 
     def send_events(self, events: list[Event]) -> None:
-        if self.transport.is_closing():
-            return  # the subscriber left; uvloop raises on a write to a closed transport
-        payload = b"".join(sse_frame(event) for event in events)
-        if payload:
+        self.send_frames(b"".join(sse_frame(event) for event in events))
+
+    def send_frames(self, payload: bytes) -> None:
+        if payload and not self.transport.is_closing():  # uvloop raises on a closed one
             self.transport.write(chunk(payload) if self.chunked else payload)
 
     async def drained(self, timeout: float = 30.0) -> None:

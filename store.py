@@ -341,11 +341,21 @@ class Store:
             return conn.execute(NEWEST_ID).fetchone()[0]
         return await self._read(run)
 
-    async def latest_events(self, tenant_name: str) -> tuple[list[Event], int]:
-        """The newest event of each name in the tenant, oldest first, and the newest event
-        id of the whole log at that moment (read in the same transaction)."""
-        return await self._read(lambda conn: _with_newest_id(conn, LATEST_OF_TENANT,
-                                                             (tenant_name,)))
+    async def tenant_state(self, tenant_name: str,
+                           recent: int) -> tuple[list[Event], list[Event], int]:
+        """The newest event of each name in the tenant, its `recent` newest events (both
+        oldest first), and the newest event id of the whole log, all from one snapshot."""
+        def run(conn: sqlite3.Connection) -> tuple[list[Event], list[Event], int]:
+            conn.execute("BEGIN")
+            try:
+                latest = conn.execute(LATEST_OF_TENANT, (tenant_name,)).fetchall()
+                newest_first = conn.execute(RECENT_OF_TENANT, (tenant_name, recent)).fetchall()
+                newest = conn.execute(NEWEST_ID).fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+            return ([Event(*row) for row in latest],
+                    [Event(*row) for row in reversed(newest_first)], newest)
+        return await self._read(run)
 
     async def events_after(self, tenant_name: str, after_id: int,
                            limit: int) -> tuple[list[Event], int]:
@@ -360,6 +370,9 @@ LATEST_OF_TENANT = """
     SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
     FROM latest l JOIN events e ON e.id = l.event_id
     WHERE l.tenant_name = ? ORDER BY e.id"""
+RECENT_OF_TENANT = """
+    SELECT id, tenant_name, event, data, timestamp FROM events
+    WHERE tenant_name = ? ORDER BY id DESC LIMIT ?"""
 EVENTS_AFTER = """
     SELECT id, tenant_name, event, data, timestamp FROM events
     WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?"""

@@ -282,6 +282,7 @@ def test_tls_site_speaks_http2_and_keeps_tokens_out_of_logs(server, tmp_path, pr
         ["curl", "-sSN", *resolve, "--max-time", "5", f"{origin}/sse?access_token={token}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        assert read_frame(stream).startswith(b":data:event:id:\nretry:")  # the first frame
         frame = read_frame(stream)
         assert frame == f'id:{first["id"]}\nevent:greeting\ndata:"hello"\n\n'.encode()
         second = server.insert(auth, "greeting", "again").json()

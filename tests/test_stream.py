@@ -324,6 +324,7 @@ def test_idle_stream_gets_heartbeat_comments(make_server):
     auth = server.user(unique("idle"), tenant=unique("idle"))  # empty tenant: no sync frames
     stream = server.sse(auth)
     assert stream.status == 200
+    assert stream.read_raw(timeout=1.5).startswith(b":data:event:id:\nretry:")  # the first frame
     for _ in range(3):
         assert stream.read_raw(timeout=1.5) == b":\n\n"
     # Events still come through intact between heartbeats, and the heartbeats go on after.
@@ -426,7 +427,8 @@ def publish_load(server: Server, auth: dict[str, str], ids: list[int]) -> None:
 
 
 def test_stalled_subscriber_is_cut_off_while_others_stay_on_time(make_server):
-    server = make_server("--max_buffer", str(MAX_BUFFER))
+    # 101 streams of one user: over the default --max_streams_per_user.
+    server = make_server("--max_buffer", str(MAX_BUFFER), "--max_streams_per_user", "200")
     auth = server.user(unique("fan"), tenant=unique("fanout"))
     stalled = open_stalled_subscriber(server.port, auth)
     streams = [server.sse(auth) for _ in range(READERS)]
@@ -519,4 +521,6 @@ def test_http_1_0_clients_get_a_plain_stream_that_ends_with_the_connection(serve
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert b"transfer-encoding" not in head.lower()
-        assert body == f'id:{first}\nevent:before\ndata:{{"v":1}}\n\n'.encode()
+        retry, _, frame = body.partition(b"\n\n")
+        assert retry.startswith(b":data:event:id:\nretry:"), body
+        assert frame == f'id:{first}\nevent:before\ndata:{{"v":1}}\n\n'.encode()
