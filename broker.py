@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    if CONTROL_CHARS.search(config.origin):
+        parser.error("--origin must not contain control characters")
     return config
 
 
@@ -987,6 +989,8 @@ class App:
         self.stopping = False
         self.trusted_proxies = {a.strip() for a in config.trusted_proxies.split(",") if a.strip()}
         self.password_checker = weak_password_checker() if config.password_checker else None
+        self.stream_heads = {chunked: stream_head(config.origin, chunked)
+                             for chunked in (True, False)}
         self.store: Store
         self.auth: Auth
         Handler = Callable[[Request], Awaitable[Response]]
@@ -1102,6 +1106,7 @@ class App:
                 conn.send_frames(state.sync())
             else:
                 covered = await self.replay(conn, state, covered, last_id)
+            conn.send_frames(b"")  # the head, when there was nothing to send with it
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
@@ -1198,6 +1203,14 @@ class App:
         return reply(user_object(user))
 
 
+def stream_head(origin: str, chunked: bool) -> bytes:
+    """The response head of an event stream, built once rather than by h11 per connect."""
+    framing = "transfer-encoding: chunked" if chunked else "connection: close"
+    return ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            f"x-accel-buffering: no\r\naccess-control-allow-origin: {origin}\r\n"
+            f"{framing}\r\n\r\n").encode()
+
+
 def last_event_id(req: Request) -> int | None:
     header, query = req.headers.get("last-event-id"), req.query.get("last_event_id")
     for raw in (header, query):  # both validated; the header wins when both are given
@@ -1217,7 +1230,7 @@ def last_event_id(req: Request) -> int | None:
 class Connection(asyncio.Protocol):
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
-                 "request", "started", "tenant", "timer", "transport", "username",
+                 "request", "started", "tenant", "timer", "transport", "unsent", "username",
                  "write_paused")
 
     def __init__(self, app: App) -> None:
@@ -1236,6 +1249,7 @@ class Connection(asyncio.Protocol):
         self.tenant = ""
         self.drain_waiter: asyncio.Future | None = None
         self.write_paused = False
+        self.unsent = b""  # a stream's head, until its first frames go out with it
         self.started = 0.0
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -1417,6 +1431,8 @@ class Connection(asyncio.Protocol):
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
         self.app.metrics.count_request(route, status)
+        if not log.isEnabledFor(logging.INFO):
+            return
         millis = (time.perf_counter() - self.started) * 1000
         log.info("%s %s %d %.1fms", method, path, status, millis,
                  extra={"fields": {"method": method, "path": path, "status": status,
@@ -1477,16 +1493,14 @@ class Connection(asyncio.Protocol):
 
     # -- event streams --------------------------------------------------------------------
     def start_stream(self, user: User, client: str) -> None:
-        """Send the stream's head; from now on the connection carries only SSE frames."""
+        """From now on the connection carries only SSE frames. The head and the retry frame
+        go out with the first frames (one write instead of two): see send_frames."""
         assert self.http is not None and self.request is not None
-        headers = self.base_headers() + [
-            ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
-            ("x-accel-buffering", "no")]
-        head = self.http.send(h11.Response(status_code=200, headers=headers))
-        # h11 picked the framing: chunked for HTTP/1.1 clients, close-delimited for 1.0.
+        # Chunked for HTTP/1.1 clients, a body that ends with the connection for 1.0.
         self.chunked = self.http.their_http_version != b"1.0"
         retry = retry_frame()
-        self.transport.write(head + (chunk(retry) if self.chunked else retry))
+        self.unsent = self.app.stream_heads[self.chunked] + (
+            chunk(retry) if self.chunked else retry)
         self.log_request("GET", "/sse", 200, client)
         self.http = None
         self.request = None
@@ -1500,8 +1514,14 @@ class Connection(asyncio.Protocol):
         self.send_frames(b"".join(sse_frame(event) for event in events))
 
     def send_frames(self, payload: bytes) -> None:
-        if payload and not self.transport.is_closing():  # uvloop raises on a closed one
-            self.transport.write(chunk(payload) if self.chunked else payload)
+        """Write frames (and the stream's head, if it is still unsent)."""
+        if self.transport.is_closing():  # uvloop raises on a write to a closed transport
+            return
+        data = (chunk(payload) if self.chunked else payload) if payload else b""
+        if self.unsent:
+            data, self.unsent = self.unsent + data, b""
+        if data:
+            self.transport.write(data)
 
     async def drained(self, timeout: float = 30.0) -> None:
         """Wait until the client has taken most of what we wrote (flow control for syncs)."""
@@ -1515,6 +1535,7 @@ class Connection(asyncio.Protocol):
     def end_stream(self) -> None:
         """Close a stream cleanly: the terminating chunk, then close after the buffer."""
         self.app.hub.leave(self)
+        self.send_frames(b"")  # the head, if the stream ends before anything was sent
         if not self.transport.is_closing():
             if self.chunked:
                 self.transport.write(LAST_CHUNK)
