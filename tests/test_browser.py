@@ -71,6 +71,8 @@ class Tab:
 
     page: Page
     received_ids: list[int] = field(default_factory=list)
+    # (event name, id) of every message EventSource dispatched, as DevTools saw it.
+    dispatched: list[tuple[str, str]] = field(default_factory=list)
     stream_requests: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -100,8 +102,7 @@ def open_tab(context, site: str, server: Server, username: str, password: str) -
     tab = Tab(context.new_page())
     cdp = context.new_cdp_session(tab.page)
     cdp.send("Network.enable")
-    cdp.on("Network.eventSourceMessageReceived",
-           lambda msg: tab.received_ids.append(int(msg["eventId"])))
+    cdp.on("Network.eventSourceMessageReceived", lambda msg: _note_message(tab, msg))
     # The headers as sent on the wire (Last-Event-ID is only in this "extra info" event).
     cdp.on("Network.requestWillBeSentExtraInfo", lambda msg: _note_stream_request(tab, msg))
     tab.page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
@@ -111,6 +112,11 @@ def open_tab(context, site: str, server: Server, username: str, password: str) -
     tab.page.click("#login button")
     tab.wait_for_state("live", timeout=5)
     return tab
+
+
+def _note_message(tab: Tab, msg: dict) -> None:
+    tab.dispatched.append((msg["eventName"], msg["eventId"]))
+    tab.received_ids.append(int(msg["eventId"]))
 
 
 def _note_stream_request(tab: Tab, msg: dict) -> None:
@@ -128,6 +134,9 @@ def check_list(tab: Tab, expected_texts: list[str]) -> None:
     assert len(set(tab.received_ids)) == len(tab.received_ids), \
         f"the server sent an event twice: {tab.received_ids}"
     assert sorted(tab.received_ids) == ids, (tab.received_ids, ids)
+    # Every stream began with a retry field and heartbeats may have come: neither may
+    # have dispatched a message.
+    assert all(name == "chat" and ident for name, ident in tab.dispatched), tab.dispatched
     assert tab.errors == []
 
 

@@ -269,6 +269,19 @@ def test_heartbeat_triggers_no_listener(bundle, make_server, subscribers):
     check_delivered(sub.listener_calls(1)[0], later, "tick", 1)
 
 
+def test_retry_field_triggers_no_listener(bundle, server, subscribers):
+    # Every stream begins with a `retry:` frame. broker-client parses fields with indexOf on
+    # the whole frame, so a bare "retry:2345" would reach it as an event named ":234" with data
+    # "y:234"; the frame is built so that it sees an empty one instead, as for a heartbeat.
+    auth = bearer(node_user(bundle, server, "ada"))  # an empty tenant: no sync after it
+    sub = subscribers(bundle, server, auth["Authorization"], ["tick", "message", "retry"])
+    first = sub.calls_within(1.0)
+    assert [c["via"] for c in first] == ["onopen", "onmessage"], first
+    assert (first[1]["type"], first[1]["data"], first[1]["lastEventId"]) == ("", "", ""), first
+    inserted = server.insert(auth, "tick", 1).json()
+    check_delivered(sub.listener_calls(1)[0], inserted, "tick", 1)
+
+
 def test_rejected_token_delivers_nothing(bundle, server, subscribers):
     jwt = node_user(bundle, server, "ada")
     server.insert(bearer(jwt), "secret", 42)
