@@ -467,3 +467,139 @@ def storm_main(conn: Connection, channel: Channel, total: int, concurrency: int,
     result = asyncio.run(_storm(channel, total, concurrency, expect, max_seconds))
     result["loop"] = loop_name
     conn.send(result)
+
+
+# -- subscribers that resume (the restart scenario) ---------------------------------------------
+ID_LINE = re.compile(rb"id:(\d+)\n")
+
+
+@dataclass
+class ResumeGroup:
+    """The streams of one process that resume with Last-Event-ID whenever theirs ends."""
+
+    channel: Channel
+    count_after: int  # ids up to this one are the sync, not counted
+    gate: asyncio.Semaphore
+    stopping: bool = False
+    streams: list[ResumingStream] = field(default_factory=list)
+
+
+class ResumingStream(asyncio.Protocol):
+    """One subscriber: checks that ids only grow, counts them, and when the stream ends
+    reconnects at once (no EventSource delay: the worst case) from the last id it saw."""
+
+    __slots__ = ("count", "disorder", "group", "head", "last", "ready", "resumes", "status",
+                 "streaming_at", "tail", "transport")
+
+    def __init__(self, group: ResumeGroup) -> None:
+        self.group = group
+        self.last = 0
+        self.count = 0  # ids after group.count_after received
+        self.disorder = 0  # ids not greater than the one before: duplicates or reordering
+        self.resumes = 0
+        self.streaming_at = 0.0  # when the head of the current stream arrived
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future | None = None
+        self.head = self.tail = b""
+        self.status = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.head = self.tail = b""
+        self.status = 0
+        headers = (("Last-Event-ID", str(self.last)),) if self.last else ()
+        channel = self.group.channel
+        request = Channel(channel.host, channel.port, channel.sse_path,
+                          channel.sse_headers + headers).sse_request()
+        transport.write(request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.status != 200:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.status = int(self.head[9:12])
+            data, self.head = self.head[end + 4:], b""
+            self.streaming_at = time.monotonic()
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(self.status)
+        text = self.tail + data
+        end = text.rfind(b"\n") + 1
+        self.tail = text[end:]
+        for match in ID_LINE.finditer(text, 0, end):
+            event_id = int(match.group(1))
+            if event_id <= self.last:
+                self.disorder += 1
+                continue
+            self.last = event_id
+            if event_id > self.group.count_after:
+                self.count += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.ready is None:  # a stream that was open: resume it
+            if not self.group.stopping:
+                asyncio.get_running_loop().create_task(self.resume())
+        elif not self.ready.done():  # an attempt of resume() failed: it tries again
+            self.ready.set_result(0)
+
+    async def resume(self) -> None:
+        """Connect again until a stream is open; one attempt per gate slot."""
+        loop = asyncio.get_running_loop()
+        while not self.group.stopping:
+            async with self.group.gate:
+                self.ready = loop.create_future()
+                try:
+                    await asyncio.wait_for(loop.create_connection(
+                        lambda: self, self.group.channel.host, self.group.channel.port),
+                        CONNECT_TIMEOUT)
+                    status = await asyncio.wait_for(self.ready, CONNECT_TIMEOUT)
+                except (TimeoutError, OSError):
+                    status = 0
+                self.ready = None
+            if status == 200 and self.transport is not None:
+                self.resumes += 1
+                return
+            if self.transport is not None:
+                self.transport.close()
+            await asyncio.sleep(0.05)  # the server is not back yet
+
+
+async def _resumers(conn: Connection, channel: Channel, total: int, count_after: int,
+                    gate: int) -> None:
+    group = ResumeGroup(channel, count_after, asyncio.Semaphore(gate))
+    group.streams = [ResumingStream(group) for _ in range(total)]
+    await asyncio.gather(*(stream.resume() for stream in group.streams))
+    for stream in group.streams:
+        stream.resumes = 0
+    conn.send("connected")
+    loop = asyncio.get_running_loop()
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        streams = group.streams
+        if command == "count":
+            conn.send((sum(s.count for s in streams),
+                       sum(s.transport is not None and s.status == 200 for s in streams)))
+        elif command == "collect":
+            conn.send({"counts": [s.count for s in streams],
+                       "disorder": sum(s.disorder for s in streams),
+                       "resumed": sum(s.resumes > 0 for s in streams),
+                       "last_streaming_at": max(s.streaming_at for s in streams),
+                       "cpu": cpu_seconds()})
+        elif command == "close":
+            group.stopping = True
+            for stream in streams:
+                if stream.transport is not None:
+                    stream.transport.close()
+            await asyncio.sleep(0.05)
+            conn.send("closed")
+            return
+
+
+def resumer_main(conn: Connection, channel: Channel, total: int, count_after: int,
+                 gate: int) -> None:
+    """Process entry point: hold `total` resuming streams, answer the orchestrator."""
+    raise_fd_limit()
+    use_fast_loop()
+    asyncio.run(_resumers(conn, channel, total, count_after, gate))

@@ -199,6 +199,29 @@ def connects_section(results: dict) -> str:
                "server CPU %", "client CPU %"], rows)])
 
 
+def restart_section(results: dict) -> str:
+    section = results.get("restart")
+    if not section:
+        return ""
+    s = results["settings"]
+    rows = [[name, r["subscribers"], r["restart_seconds"], r["all_streaming_seconds"],
+             r["streaming"], r["events"], r["lost"], r["duplicated"],
+             statuses(r["publish_statuses"])] for name, r in section.items()]
+    return "\n".join([
+        "## 6. Restart: every subscriber resumes at once (broker only)\n",
+        from_earlier(results, "restart"),
+        (f"{s['restart_subscribers']:,} subscribers of one tenant with {s['connect_sync']} "
+         f"events of state; one publisher inserts {s['restart_rate']:.0f} events/s throughout; "
+         "the server gets SIGTERM and is started again on the same database. Every subscriber "
+         "reconnects as soon as its stream ends (retrying while the port is closed) with "
+         "Last-Event-ID, without EventSource's retry delay: the worst case. \"streaming\": "
+         "seconds from the new process accepting connections to the last subscriber's "
+         "response head. Lost and duplicated count, per subscriber, the events of the log "
+         "after the sync that it did not get, or got again or out of order.\n"),
+        table(["server", "subscribers", "restart s", "all streaming s", "streaming at the end",
+               "events", "lost", "duplicated", "publisher statuses"], rows)])
+
+
 def headline(results: dict) -> str:
     """The numbers the issue's targets are stated in, with the ratios."""
     ref = reference(results)
@@ -237,7 +260,7 @@ def markdown(results: dict) -> str:
          "absolute numbers. How each scenario works: bench/README.md.\n"),
         "## Machine\n", machine_section(results), headline(results), fanout_section(results),
         latency_section(results), memory_section(results), inserts_section(results),
-        connects_section(results)]
+        connects_section(results), restart_section(results)]
     return "\n".join(part for part in parts if part).rstrip() + "\n"
 
 

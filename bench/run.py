@@ -12,6 +12,7 @@ See bench/README.md for what each scenario measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -32,10 +33,10 @@ from typing import Self
 
 import loadgen
 from loadgen import Channel, PublishPlan, percentile
-from servers import ALL_SERVERS, Server, nginx_version, server_factories
+from servers import ALL_SERVERS, Broker, Server, nginx_version, server_factories
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects"]
+SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "restart"]
 SPAWN = mp.get_context("spawn")
 
 
@@ -57,6 +58,11 @@ class Settings:
     connect_concurrency: int = 16
     connect_sync: int = 100
     connect_max_seconds: float = 20.0
+    restart_subscribers: int = 10_000
+    restart_rate: float = 10.0  # events/s of the one publisher, through the restart
+    restart_after: float = 2.0  # seconds of publishing before the restart
+    restart_publish_seconds: float = 8.0
+    restart_gate: int = 1000  # reconnect handshakes in flight (the listen backlog is 2048)
     probes: int = 32  # subscribers per run that record the latency of every frame
     # Subscriber processes (each holds at most ~19,000 streams). Two, so that the client can
     # use what the server leaves of both cores: one Python process reading one frame per recv
@@ -70,7 +76,8 @@ class Settings:
 
 QUICK = Settings(fanout_sizes=[100, 1000], fanout_deliveries=100_000, fanout_max_seconds=10,
                  latency_seconds=3, memory_sizes=[1000, 2000], insert_seconds=2,
-                 connect_total=300, connect_max_seconds=5, drain_timeout=30)
+                 connect_total=300, connect_max_seconds=5, drain_timeout=30,
+                 restart_subscribers=1000)
 
 
 def log(message: str) -> None:
@@ -282,6 +289,66 @@ def connects(server: Server, settings: Settings) -> dict:
             "client_cpu_pct": round(100 * storm["cpu"] / storm["seconds"])}
 
 
+def restart(server: Broker, settings: Settings) -> dict:
+    """Subscribers with a sync of `connect_sync` events, a restart while one publisher
+    inserts, and every subscriber resuming at once with Last-Event-ID."""
+    channel = server.new_channel()
+    tenant = server.tenant_name()
+    run_process(loadgen.publisher_main, PublishPlan(
+        channel, settings.connect_sync, 4, 0, 60, settings.pad, record_sends=False,
+        distinct_events=True))
+    seed_max = server.newest_id()
+    total = settings.restart_subscribers
+    procs = max(1, min(settings.sub_procs, total))
+    shares = [total // procs + (i < total % procs) for i in range(procs)]
+    children = [spawn(loadgen.resumer_main, channel, share, seed_max,
+                      max(1, settings.restart_gate // procs)) for share in shares]
+    try:
+        for _, conn in children:
+            if not conn.poll(60 + total / 50):
+                raise TimeoutError("subscribers did not connect in time")
+            conn.recv()
+        publisher, pub_conn = spawn(loadgen.publisher_main, PublishPlan(
+            channel, 1_000_000, 1, settings.restart_rate, settings.restart_publish_seconds,
+            settings.pad, record_sends=False))
+        time.sleep(settings.restart_after)
+        stopped_at = time.monotonic()
+        ready_at = server.restart()
+        pub = pub_conn.recv() if pub_conn.poll(settings.restart_publish_seconds + 60) else {}
+        publisher.join(10)
+        expected = server.events_after(tenant, seed_max)
+        deadline, received = time.monotonic() + settings.drain_timeout, 0
+        while time.monotonic() < deadline and received < expected * total:
+            received = sum(ask(children, "count")[i][0] for i in range(procs))
+            time.sleep(0.1)
+        streaming = sum(part[1] for part in ask(children, "count"))
+        parts = ask(children, "collect")
+    finally:
+        for proc, conn in children:
+            with contextlib.suppress(OSError, EOFError):
+                conn.send("close")
+                conn.poll(10) and conn.recv()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    counts = [count for part in parts for count in part["counts"]]
+    return {"subscribers": total, "sync_events": settings.connect_sync,
+            "restart_seconds": round(ready_at - stopped_at, 2),
+            "all_streaming_seconds": round(max(p["last_streaming_at"] for p in parts)
+                                           - ready_at, 2),
+            "streaming": streaming, "resumed": sum(p["resumed"] for p in parts),
+            "events": expected, "publish_statuses": pub.get("statuses"),
+            "lost": sum(max(0, expected - count) for count in counts),
+            "duplicated": sum(p["disorder"] for p in parts)
+            + sum(max(0, count - expected) for count in counts)}
+
+
+def ask(children: list, command: str) -> list:
+    for _, conn in children:
+        conn.send(command)
+    return [conn.recv() for _, conn in children]
+
+
 # -- driver -------------------------------------------------------------------------------------
 @contextmanager
 def profiled(server: Server, out_dir: str | None, name: str) -> Iterator[None]:
@@ -351,6 +418,13 @@ def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
             results["connects"][name] = row
             log(f"  {row['connects_per_s']:,} connects/s, p99 {row['p99_ms']} ms, "
                 f"errors {row['errors']}")
+        if server.durable and "restart" in wanted:
+            log(f"{name}: restart with {settings.restart_subscribers:,} subscribers resuming")
+            row = restart(server, settings)  # type: ignore[arg-type]
+            results["restart"][name] = row
+            log(f"  all streaming {row['all_streaming_seconds']} s after ready, "
+                f"{row['streaming']:,} streaming, lost {row['lost']}, "
+                f"duplicated {row['duplicated']}, {row['events']} events")
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ a single global stream.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,18 @@ class Server:
     def start(self, timeout: float = 20.0) -> Server:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         self.port = free_port()
+        return self.launch(timeout)
+
+    def restart(self) -> float:
+        """SIGTERM, wait for the exit, start again on the same files and port; returns the
+        monotonic time at which the new process accepted a connection."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.launch()
+        return time.monotonic()
+
+    def launch(self, timeout: float = 20.0) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         try:
             # The descriptor limit is inherited: run.py raised its soft limit to the hard one.
@@ -122,7 +136,7 @@ class Server:
                 self.setup()
                 return self
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.02)  # finely: restart() reports when the server was ready
         self.stop()
         raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.log_lines[-20:]))
 
@@ -201,8 +215,10 @@ class Broker(Server):
                 "--port", str(self.port), "--db", str(self.workdir / "broker.db"),
                 "--admin_token", self.admin_token, "--log_level", "warning",
                 # Room for 10,000 idle streams plus the publisher (nchan.conf does the same
-                # with worker_connections); flags in --broker-args come later and win.
-                "--max_connections", "19000", *self.extra_args]
+                # with worker_connections), all of one user; flags in --broker-args come
+                # later and win.
+                "--max_connections", "19000", "--max_streams_per_user", "19000",
+                *self.extra_args]
 
     def new_user(self) -> tuple[str, str]:
         """A user in a tenant of its own; returns (username, jwt)."""
@@ -218,6 +234,24 @@ class Broker(Server):
         if status != 200 or not isinstance(body, dict):
             raise RuntimeError(f"login: {status} {body!r}")
         return username, body["jwt"]
+
+    def tenant_name(self) -> str:
+        """The tenant of the newest channel."""
+        return f"bench_tenant_{self.tenants}"
+
+    def newest_id(self) -> int:
+        return self._read_db("SELECT coalesce(max(id), 0) FROM events", ())
+
+    def events_after(self, tenant: str, after: int) -> int:
+        """How many events of the tenant the log holds after `after` (read from the file:
+        the truth to count deliveries against)."""
+        return self._read_db("SELECT count(*) FROM events WHERE tenant_name = ? AND id > ?",
+                             (tenant, after))
+
+    def _read_db(self, query: str, args: tuple) -> int:
+        with contextlib.closing(sqlite3.connect(
+                f"file:{self.workdir / 'broker.db'}?mode=ro", uri=True)) as db:
+            return db.execute(query, args).fetchone()[0]
 
     def new_channel(self, auth: str = "bearer") -> Channel:
         username, jwt = self.new_user()
