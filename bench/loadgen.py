@@ -585,7 +585,7 @@ async def _resumers(conn: Connection, channel: Channel, total: int, count_after:
             conn.send({"counts": [s.count for s in streams],
                        "disorder": sum(s.disorder for s in streams),
                        "resumed": sum(s.resumes > 0 for s in streams),
-                       "last_streaming_at": max(s.streaming_at for s in streams),
+                       "streaming_at": [s.streaming_at for s in streams],
                        "cpu": cpu_seconds()})
         elif command == "close":
             group.stopping = True

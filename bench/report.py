@@ -204,7 +204,8 @@ def restart_section(results: dict) -> str:
     if not section:
         return ""
     s = results["settings"]
-    rows = [[name, r["subscribers"], r["restart_seconds"], r["all_streaming_seconds"],
+    rows = [[name, r["subscribers"], r["restart_seconds"], r.get("streaming_p50_seconds"),
+             r.get("streaming_p90_seconds"), r["all_streaming_seconds"],
              r["streaming"], r["events"], r["lost"], r["duplicated"],
              statuses(r["publish_statuses"])] for name, r in section.items()]
     return "\n".join([
@@ -215,10 +216,11 @@ def restart_section(results: dict) -> str:
          "the server gets SIGTERM and is started again on the same database. Every subscriber "
          "reconnects as soon as its stream ends (retrying while the port is closed) with "
          "Last-Event-ID, without EventSource's retry delay: the worst case. \"streaming\": "
-         "seconds from the new process accepting connections to the last subscriber's "
-         "response head. Lost and duplicated count, per subscriber, the events of the log "
+         "seconds from the new process accepting connections to the response head of half, "
+         "90% and all of the subscribers. Lost and duplicated count, per subscriber, the events of the log "
          "after the sync that it did not get, or got again or out of order.\n"),
-        table(["server", "subscribers", "restart s", "all streaming s", "streaming at the end",
+        table(["server", "subscribers", "restart s", "half streaming s", "90% streaming s",
+               "all streaming s", "streaming at the end",
                "events", "lost", "duplicated", "publisher statuses"], rows)])
 
 

@@ -54,7 +54,7 @@ class Settings:
     memory_sizes: list[int] = field(default_factory=lambda: [5000, 10000])
     insert_publishers: list[int] = field(default_factory=lambda: [1, 16, 64])
     insert_seconds: float = 5.0
-    connect_total: int = 2000
+    connect_total: int = 10_000
     connect_concurrency: int = 16
     connect_sync: int = 100
     connect_max_seconds: float = 20.0
@@ -332,10 +332,12 @@ def restart(server: Broker, settings: Settings) -> dict:
             if proc.is_alive():
                 proc.kill()
     counts = [count for part in parts for count in part["counts"]]
+    back = [at - ready_at for part in parts for at in part["streaming_at"]]
     return {"subscribers": total, "sync_events": settings.connect_sync,
             "restart_seconds": round(ready_at - stopped_at, 2),
-            "all_streaming_seconds": round(max(p["last_streaming_at"] for p in parts)
-                                           - ready_at, 2),
+            "all_streaming_seconds": round(max(back), 2),
+            "streaming_p50_seconds": round(percentile(back, 50) or 0, 2),
+            "streaming_p90_seconds": round(percentile(back, 90) or 0, 2),
             "streaming": streaming, "resumed": sum(p["resumed"] for p in parts),
             "events": expected, "publish_statuses": pub.get("statuses"),
             "lost": sum(max(0, expected - count) for count in counts),
