@@ -563,7 +563,7 @@ class ResumingStream(asyncio.Protocol):
                 return
             if self.transport is not None:
                 self.transport.close()
-            await asyncio.sleep(0.05)  # the server is not back yet
+            await asyncio.sleep(0.2)  # the server is not back yet
 
 
 async def _resumers(conn: Connection, channel: Channel, total: int, count_after: int,
