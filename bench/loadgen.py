@@ -480,6 +480,9 @@ class ResumeGroup:
     channel: Channel
     count_after: int  # ids up to this one are the sync, not counted
     gate: asyncio.Semaphore
+    # Cleared by the orchestrator before it restarts the server and set once the new one
+    # accepts connections: the streams that ended meanwhile then all reconnect at once.
+    server_up: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     streams: list[ResumingStream] = field(default_factory=list)
 
@@ -548,6 +551,7 @@ class ResumingStream(asyncio.Protocol):
         """Connect again until a stream is open; one attempt per gate slot."""
         loop = asyncio.get_running_loop()
         while not self.group.stopping:
+            await self.group.server_up.wait()
             async with self.group.gate:
                 self.ready = loop.create_future()
                 try:
@@ -563,12 +567,13 @@ class ResumingStream(asyncio.Protocol):
                 return
             if self.transport is not None:
                 self.transport.close()
-            await asyncio.sleep(0.2)  # the server is not back yet
+            await asyncio.sleep(0.2)
 
 
 async def _resumers(conn: Connection, channel: Channel, total: int, count_after: int,
                     gate: int) -> None:
     group = ResumeGroup(channel, count_after, asyncio.Semaphore(gate))
+    group.server_up.set()
     group.streams = [ResumingStream(group) for _ in range(total)]
     await asyncio.gather(*(stream.resume() for stream in group.streams))
     for stream in group.streams:
@@ -581,6 +586,9 @@ async def _resumers(conn: Connection, channel: Channel, total: int, count_after:
         if command == "count":
             conn.send((sum(s.count for s in streams),
                        sum(s.transport is not None and s.status == 200 for s in streams)))
+        elif command in ("down", "up"):
+            (group.server_up.clear if command == "down" else group.server_up.set)()
+            conn.send("ok")
         elif command == "collect":
             conn.send({"counts": [s.count for s in streams],
                        "disorder": sum(s.disorder for s in streams),

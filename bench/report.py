@@ -213,9 +213,9 @@ def restart_section(results: dict) -> str:
         from_earlier(results, "restart"),
         (f"{s['restart_subscribers']:,} subscribers of one tenant with {s['connect_sync']} "
          f"events of state; one publisher inserts {s['restart_rate']:.0f} events/s throughout; "
-         "the server gets SIGTERM and is started again on the same database. Every subscriber "
-         "reconnects as soon as its stream ends (retrying while the port is closed) with "
-         "Last-Event-ID, without EventSource's retry delay: the worst case. \"streaming\": "
+         "the server gets SIGTERM and is started again on the same database. The moment it "
+         "accepts connections, every subscriber reconnects at once with Last-Event-ID, without "
+         "EventSource's retry delay: the worst case. \"streaming\": "
          "seconds from the new process accepting connections to the response head of half, "
          "90% and all of the subscribers. Lost and duplicated count, per subscriber, the events of the log "
          "after the sync that it did not get, or got again or out of order.\n"),

@@ -312,8 +312,10 @@ def restart(server: Broker, settings: Settings) -> dict:
             channel, 1_000_000, 1, settings.restart_rate, settings.restart_publish_seconds,
             settings.pad, record_sends=False))
         time.sleep(settings.restart_after)
+        ask(children, "down")
         stopped_at = time.monotonic()
         ready_at = server.restart()
+        ask(children, "up")
         pub = pub_conn.recv() if pub_conn.poll(settings.restart_publish_seconds + 60) else {}
         publisher.join(10)
         expected = server.events_after(tenant, seed_max)
