@@ -107,3 +107,28 @@ def test_percentile() -> None:
     assert percentile(values, 50) in (50.0, 51.0)
     assert percentile(values, 99) == 99.0
     assert percentile([], 50) is None
+
+
+@pytest.mark.parametrize("sizes", [[1], [1, 2, 3, 7], [5, 64, 1000]])
+def test_resuming_stream_counts_each_id_once_and_spots_repeats(sizes):
+    """The restart scenario's subscriber, fed a retry frame, a sync, heartbeats and a repeated
+    id, cut at every awkward place."""
+    from loadgen import ResumeGroup, ResumingStream
+
+    loop = asyncio.new_event_loop()
+    try:
+        group = ResumeGroup(Channel("127.0.0.1", 1, "/sse"), 3, asyncio.Semaphore(1))
+        stream = ResumingStream(group)
+        stream.connection_made(FakeTransport())  # type: ignore[arg-type]
+        frames = [b":data:event:id:\nretry:2345\n\n", *broker_frames(11)[1:], b":\n\n",
+                  broker_frames(11)[10]]  # ids 1 to 10, then 10 again: a duplicate
+        body = HEAD + chunked(frames)
+        rng, at = random.Random(7), 0
+        while at < len(body):
+            size = rng.choice(sizes)
+            stream.data_received(body[at:at + size])
+            at += size
+    finally:
+        loop.close()
+    assert stream.status == 200
+    assert (stream.last, stream.count, stream.disorder) == (10, 7, 1)  # ids 4 to 10 counted
