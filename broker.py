@@ -27,6 +27,7 @@ import resource
 import secrets
 import signal
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -52,6 +53,17 @@ JWT_ISSUER = "Broker"
 # ---------------------------------------------------------------------------------------
 # Configuration: every option is a flag and an environment variable BROKER_<NAME>.
 # ---------------------------------------------------------------------------------------
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds in `45s`, `90m`, `12h` or `30d` (or a plain `0`)."""
+    match = re.fullmatch(r"(\d{1,9})([smhd]?)", text.strip())
+    if not match or (not match.group(2) and match.group(1).strip("0")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 45s, 90m, 12h, 30d")
+    return int(match.group(1)) * DURATION_UNITS.get(match.group(2), 0)
+
 
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
@@ -79,6 +91,12 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("retention", duration, "0",
+     ("delete events older than this (45s, 90m, 12h, 30d), except the newest of each name; "
+      "0 keeps everything")),
+    ("argon2_memory_kib", int, 19456, "Argon2id memory per password hash, in KiB"),
+    ("argon2_time_cost", int, 2, "Argon2id passes over that memory"),
+    ("argon2_parallelism", int, 1, "Argon2id lanes (threads) per hash"),
 ]
 
 
@@ -105,7 +123,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    # Argon2's own bounds: at least one pass, and 8 KiB of memory per lane.
+    if not (config.argon2_time_cost >= 1 and 1 <= config.argon2_parallelism <= 255
+            and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
+        parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
+                     "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
     return config
+
+
+def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
+    # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
+    # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
+    return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
+                                 memory_cost=config.argon2_memory_kib,
+                                 parallelism=config.argon2_parallelism)
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -400,6 +431,13 @@ class Hub:
             if not users:
                 del self.by_user[conn.username]
 
+    def mute_user(self, username: str) -> None:
+        """Stop sending to the user's streams, but leave them open until close_user."""
+        for conn in self.by_user.get(username, ()):
+            tenant = self.tenants.get(conn.tenant)
+            if tenant is not None:
+                tenant.remove(conn)
+
     def close_user(self, username: str) -> None:
         for conn in list(self.by_user.get(username, ())):
             conn.end_stream()
@@ -463,12 +501,13 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
-        self.hasher = argon2.PasswordHasher()
+        self.hasher = password_hasher(config)
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
         self.queued_hashes = 0
-        self.dummy_hash = self.hasher.hash(secrets.token_hex(8))
+        # Made at the first password check, not at start (a hash costs startup time).
+        self.dummy_hash: str | None = None
         # Verified Basic credentials, as keyed hashes of (stored hash, password): a password
         # change makes a new stored hash and so voids the entry. Never the plain password.
         self.basic_key = secrets.token_bytes(32)
@@ -519,14 +558,36 @@ class Auth:
         limit = self.config.auth_failures
         self.throttle.check(f"user:{username}", limit)
         self.throttle.check(f"addr:{client}", limit * 3)
-        user = await self.user(username)
         # Verify against a dummy hash for unknown users, so timing does not reveal names.
-        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
+        # The dummy is made before the lookup, whoever asks: only the very first check
+        # after start pays for it, known user or not.
+        dummy = self.dummy_hash or await self.make_dummy_hash()
+        user = await self.user(username)
+        ok = await self.verify(user.password_hash if user else dummy, password)
         if not ok or user is None or user.revoked:
             self.throttle.fail(f"user:{username}")
             self.throttle.fail(f"addr:{client}")
             raise unauthorized("wrong username or password, or the user is revoked")
+        if self.hasher.check_needs_rehash(user.password_hash):
+            user = await self.rehash(user, password)
         return user
+
+    async def make_dummy_hash(self) -> str:
+        self.dummy_hash = await self._in_pool(self.hasher.hash, secrets.token_hex(8))
+        return self.dummy_hash
+
+    async def rehash(self, user: User, password: str) -> User:
+        """Store the password hashed with the current Argon2 parameters (they changed since
+        it was set). Only if the stored hash is still the one just verified: a password
+        changed meanwhile stays changed. Tokens stay valid: the password is the same."""
+        updated = await self.store.replace_password_hash(
+            user.username, user.password_hash, await self.hash(password))
+        if updated is None:
+            return user
+        self.remember(updated)
+        log.info("rehashed the password of %s with the current Argon2 parameters",
+                 user.username)
+        return updated
 
     def check_admin(self, body: dict[str, Any], client: str) -> None:
         token = body.get("admin_token")
@@ -846,7 +907,7 @@ class App:
                 latest, covered = await self.store.latest_events(user.tenant_name)
                 conn.send_events(latest)
             else:
-                covered = await self.replay(conn, user.tenant_name, last_id)
+                covered = await self.replay(conn, user, last_id)
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
@@ -855,11 +916,22 @@ class App:
         self.hub.go_live(conn, covered)
         return STREAMING
 
-    async def replay(self, conn: Connection, tenant: str, after: int) -> int:
-        """Send every event of the tenant after `after`, page by page. Returns the newest id
-        in the database at the last read."""
+    async def replay(self, conn: Connection, user: User, after: int) -> int:
+        """Send every event of the user's tenant after `after`, page by page. Returns the
+        newest id in the database at the last read.
+
+        The resume rule: replay only what the log can prove the client is missing. When it
+        cannot (an id from another history or the future, a tenant change at or after it,
+        events after it pruned; see Store.resume_page), send the latest values instead, as
+        on a fresh connect: the client is whole again, without any extra frame."""
         while True:
-            page, newest = await self.store.events_after(tenant, after, SYNC_PAGE)
+            found = await self.store.resume_page(user.username, user.tenant_name, after,
+                                                 SYNC_PAGE)
+            if found is None:
+                latest, covered = await self.store.latest_events(user.tenant_name)
+                conn.send_events(latest)
+                return covered
+            page, newest = found
             if page:
                 conn.send_events(page)
                 after = page[-1].id
@@ -930,9 +1002,17 @@ class App:
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
         before = await self.auth.user(username)
-        user = await self._change_user(username, changes)
-        if password is not None or (before and before.tenant_name != user.tenant_name):
-            self.hub.close_user(username)  # they reconnect with the new state
+        moving = before is not None and changes.get("tenant_name", before.tenant_name) \
+            != before.tenant_name
+        if moving:
+            # Nothing of the old tenant may reach the user's streams after the move commits:
+            # their Last-Event-ID must not pass the id the move records (Store.update_user).
+            self.hub.mute_user(username)
+        try:
+            user = await self._change_user(username, changes)
+        finally:
+            if moving or password is not None:
+                self.hub.close_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
 
@@ -1269,6 +1349,28 @@ async def heartbeats(app: App) -> None:
         app.auth.throttle.forget_old()
 
 
+PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts
+
+
+async def enforce_retention(app: App) -> None:
+    """Delete events older than --retention: at start, then every minute (or every half
+    retention when that is shorter), in small batches that queue among the inserts."""
+    keep = app.config.retention
+    while True:
+        deleted = 0
+        try:
+            while True:
+                count = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
+                deleted += count
+                if count < PRUNE_BATCH:
+                    break
+        except StoreError as exc:
+            log.warning("retention: pruning failed, trying again later: %s", exc)
+        if deleted:
+            log.info("retention: deleted %d events older than %gs", deleted, keep)
+        await asyncio.sleep(min(60.0, max(1.0, keep / 2)))
+
+
 def tls_context(config: argparse.Namespace) -> ssl.SSLContext | None:
     if not config.cert_path:
         return None
@@ -1298,9 +1400,12 @@ async def serve(config: argparse.Namespace) -> None:
     # SIGHUP from log rotation or a closed terminal must not stop the server.
     loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: logging to stderr, nothing to reopen")
     beat = asyncio.create_task(heartbeats(app))
+    pruner = asyncio.create_task(enforce_retention(app)) if config.retention else None
     await stop.wait()
     log.info("shutting down")
     beat.cancel()
+    if pruner:
+        pruner.cancel()
     await shutdown(app, server)
     log.info("stopped")
 
@@ -1338,6 +1443,10 @@ def raise_open_file_limit(wanted: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and not args[0].startswith("-"):  # the server takes no positional argument
+        import tools  # tools that are not the server: `broker backup ...`
+        raise SystemExit(tools.main(args))
     config = parse_args(argv)
     setup_logging(config)
     raise_open_file_limit(config.max_connections + 64)  # + the database, logs, listeners
