@@ -34,14 +34,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import argon2
 import h11
-import jwt
 
 from store import Event, Store, StoreError, User, UsernameTaken
+
+if TYPE_CHECKING:
+    import argon2
 
 log = logging.getLogger("broker")
 
@@ -132,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
+    # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
+    # a server needs it.
+    import argon2
+
     # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
     # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
     return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
@@ -501,7 +506,7 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
-        self.hasher = password_hasher(config)
+        self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
@@ -515,6 +520,12 @@ class Auth:
         self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
         self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
+
+    @property
+    def hasher(self) -> argon2.PasswordHasher:
+        if self._hasher is None:
+            self._hasher = password_hasher(self.config)
+        return self._hasher
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
@@ -545,11 +556,10 @@ class Auth:
 
     async def verify(self, password_hash: str, password: str) -> bool:
         def check() -> bool:
+            from argon2.exceptions import InvalidHashError, VerificationError
             try:
                 return self.hasher.verify(password_hash, password)
-            except argon2.exceptions.VerificationError:
-                return False
-            except argon2.exceptions.InvalidHashError:
+            except (VerificationError, InvalidHashError):
                 return False
         return await self._in_pool(check)
 
@@ -613,7 +623,7 @@ class Auth:
         issued = int(now)
         claims = {"iat": issued, "exp": issued + self.config.jwt_expiry, "sub": user.username,
                   "iss": JWT_ISSUER, "aud": ",".join(user.scopes)}
-        return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
+        return jwt_encode(claims, self.jwt_secret)
 
     async def authenticate(self, req: Request, token_in_query: bool = False) -> User:
         header = req.headers.get("authorization")
@@ -639,11 +649,8 @@ class Auth:
         claims = self.verified_tokens.get(token)
         if claims is None or claims["exp"] <= time.time():
             try:
-                claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"],
-                                    issuer=JWT_ISSUER,
-                                    options={"require": ["exp", "iat", "iss", "sub"],
-                                             "verify_aud": False})
-            except jwt.PyJWTError as exc:
+                claims = jwt_decode(token, self.jwt_secret)
+            except InvalidToken as exc:
                 raise unauthorized(f"invalid token: {exc}") from None
             if len(self.verified_tokens) >= self.MAX_CACHED_TOKENS:
                 self.verified_tokens.clear()
@@ -684,6 +691,75 @@ class Auth:
     def basic_digest(self, user: User, password: str) -> bytes:
         return hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
                         hashlib.sha256).digest()
+
+
+# -- JWT, HS256 only (RFC 7519): small enough to write out, and no JWT library is loaded (PyJWT
+# brings an HTTP client for key sets: 4 MB of memory that a server of HS256 tokens never uses).
+
+JWT_HEADER = '{"alg":"HS256","typ":"JWT"}'
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class InvalidToken(Exception):
+    pass
+
+
+def b64url_decode(text: str) -> bytes:
+    if not BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise InvalidToken("malformed token")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwt_signature(signed_part: str, secret: str) -> bytes:
+    return hmac.new(secret.encode(), signed_part.encode(), hashlib.sha256).digest()
+
+
+def jwt_encode(claims: dict[str, Any], secret: str) -> str:
+    signed_part = f"{b64url(JWT_HEADER.encode())}.{b64url(compact_json(claims))}"
+    return f"{signed_part}.{b64url(jwt_signature(signed_part, secret))}"
+
+
+def jwt_decode(token: str, secret: str) -> dict[str, Any]:
+    """The claims of a token we signed that is in force; else InvalidToken saying why not.
+    The algorithm must be HS256 (never `none`, never another), the signature right, and
+    exp, iat, iss (ours) and sub present and well-typed."""
+    header_part, _, rest = token.partition(".")
+    claims_part, _, signature_part = rest.partition(".")
+    try:
+        header = json.loads(b64url_decode(header_part))
+        signature = b64url_decode(signature_part)
+        if not isinstance(header, dict) or header.get("alg") != "HS256":
+            raise InvalidToken("the algorithm must be HS256")
+        if not hmac.compare_digest(signature,
+                                   jwt_signature(f"{header_part}.{claims_part}", secret)):
+            raise InvalidToken("signature verification failed")
+        claims = json.loads(b64url_decode(claims_part))
+    except (ValueError, RecursionError):  # not base64url, not JSON (UnicodeDecodeError too)
+        raise InvalidToken("malformed token") from None
+    if not isinstance(claims, dict):
+        raise InvalidToken("the claims must be a JSON object")
+    missing = [name for name in ("exp", "iat", "iss", "sub") if name not in claims]
+    if missing:
+        raise InvalidToken(f"missing claims: {', '.join(missing)}")
+    exp, iat, now = claims["exp"], claims["iat"], time.time()
+    if not is_number(exp) or not is_number(iat) or not isinstance(claims["sub"], str):
+        raise InvalidToken("exp and iat must be numbers, sub a string")
+    if exp <= now:
+        raise InvalidToken("the token has expired")
+    if iat > now + 1 or ("nbf" in claims and not (is_number(claims["nbf"])
+                                                   and claims["nbf"] <= now)):
+        raise InvalidToken("the token is not valid yet")
+    if claims["iss"] != JWT_ISSUER:
+        raise InvalidToken("wrong issuer")
+    return claims
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lower_thread_priority() -> None:
