@@ -137,6 +137,8 @@ def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
     # a server needs it.
     import argon2
 
+    return_big_blocks_to_the_system()
+
     # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
     # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
     return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
@@ -760,6 +762,17 @@ def jwt_decode(token: str, secret: str) -> dict[str, Any]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def return_big_blocks_to_the_system() -> None:
+    """glibc serves a large allocation with its own mmap and unmaps it when freed, but then
+    raises that threshold to the size freed: from the second login on, each hash's 19 MiB
+    would come from a heap that keeps it, and RSS would stay 20 MB higher for good. Pinning
+    the threshold (which stops it moving) gives the memory back after every hash."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up are mmapped
 
 
 def lower_thread_priority() -> None:
