@@ -94,17 +94,20 @@ def startup(runs: int) -> dict:
 
 
 # -- logins -------------------------------------------------------------------------------------
-async def login_flood(port: int, username: str, password: str, clients: int,
-                      seconds: float) -> dict:
+async def login_run(port: int, username: str, password: str, clients: int = 8,
+                    seconds: float = 3600.0, total: int = 10**9) -> dict:
+    """`clients` keep-alive connections logging in until `seconds` or `total` logins."""
     body = json.dumps({"username": username, "password": password}).encode()
     request = (f"POST /login HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json"
                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     statuses: dict[int, int] = {}
+    left = [total]
     deadline = time.monotonic() + seconds
 
     async def client() -> None:
         conn = HttpClient(HOST, port)
-        while time.monotonic() < deadline:
+        while left[0] > 0 and time.monotonic() < deadline:
+            left[0] -= 1
             status, _ = await conn.request(request)
             statuses[status] = statuses.get(status, 0) + 1
         conn.close()
@@ -124,7 +127,7 @@ def logins(seconds: float) -> dict:
             username, _ = server.new_user()
             server.post_json("/login", {"username": username, "password": server.password})
             cpu = server.cpu_seconds()
-            row = asyncio.run(login_flood(server.port, username, server.password, 8, seconds))
+            row = asyncio.run(login_run(server.port, username, server.password, 8, seconds))
             row["server_cpu_ms_per_login"] = round(
                 (server.cpu_seconds() - cpu) * 1000 / max(1, row["statuses"].get(200, 0)), 1)
             row["rss_mib_after"] = round(server.rss_kib() / 1024, 1)
@@ -148,11 +151,11 @@ def soak(connects: int, login_count: int) -> dict:
             return run_process(loadgen.storm_main, channel, total, 16, 10, 3600.0,
                                timeout=3600)
 
-        def login_run(total: int) -> dict:
-            return asyncio.run(login_count_run(server.port, username, server.password, total))
+        def logins_done(total: int) -> dict:
+            return asyncio.run(login_run(server.port, username, server.password, total=total))
 
         storm(1000)  # warm-up: every code path and pool has run once
-        login_run(50)
+        logins_done(50)
         time.sleep(1)
         rss = {"start": server.rss_kib()}
         log(f"soak: RSS at start {rss['start']} KiB; {connects} connects")
@@ -161,37 +164,19 @@ def soak(connects: int, login_count: int) -> dict:
         rss["after_connects"] = server.rss_kib()
         log(f"soak: {streams['completed']} completed, errors {streams['errors']}, RSS "
             f"{rss['after_connects']} KiB; {login_count} logins")
-        done = login_run(login_count)
+        done = logins_done(login_count)
         time.sleep(1)
         rss["after_logins"] = server.rss_kib()
         log(f"soak: logins {done}, RSS {rss['after_logins']} KiB")
         return {"connects": connects, "completed": streams["completed"],
                 "connect_errors": streams["errors"],
                 "connects_per_s": round(streams["connects_per_s"]),
-                "logins": login_count, "login_statuses": done,
+                "logins": login_count, "login_statuses": done["statuses"],
+                "logins_per_s": done["logins_per_s"],
                 "rss_mib": {k: round(v / 1024, 1) for k, v in rss.items()},
                 "growth_mib": round((rss["after_logins"] - rss["start"]) / 1024, 2)}
     finally:
         server.stop()
-
-
-async def login_count_run(port: int, username: str, password: str, total: int) -> dict:
-    body = json.dumps({"username": username, "password": password}).encode()
-    request = (f"POST /login HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json"
-               f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    statuses: dict[int, int] = {}
-    left = [total]
-
-    async def client() -> None:
-        conn = HttpClient(HOST, port)
-        while left[0] > 0:
-            left[0] -= 1
-            status, _ = await conn.request(request)
-            statuses[status] = statuses.get(status, 0) + 1
-        conn.close()
-
-    await asyncio.gather(*(client() for _ in range(8)))
-    return statuses
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from api_support import (
     forge,
     unique,
     unsigned_token,
+    wait_for_log,
 )
 from conftest import ADMIN, Response, Server, basic, bearer
 
@@ -214,7 +215,7 @@ def test_hash_is_upgraded_at_the_next_login_after_a_parameter_change(tmp_path, h
         else:
             assert srv.get("/verify", headers=basic(name, "an old password 1")).status == 200
         assert stored_hash(srv, name).startswith("$argon2id$v=19$m=9000,t=2,p=1$")
-        assert "rehashed the password of" in srv.log
+        wait_for_log(srv, "rehashed the password of")
         # The same password: tokens issued before the rehash stay valid, and it logs in.
         assert srv.get("/verify", headers=bearer(token)).status == 200
         assert srv.login(name, "an old password 1")
