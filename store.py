@@ -441,15 +441,17 @@ INSERT_EVENT = f"""
     VALUES (max(?, ({NEWEST_ID}) + 1), ?, ?, ?, ?)"""
 # Whether the log proves that a client holding `after` has seen all of the tenant up to it:
 # the id was issued here (not newer than the newest, not in a gap of ids never issued: a
-# restored backup, another database), the events after it were not pruned, and the user was
-# not moved to this tenant at or after it.
+# restored backup, another database), the events after it were not pruned, the user was not
+# moved to this tenant at or after it, and it is not the id of another tenant's event (which
+# only a stream of that tenant could have sent).
 RESUME_PROOF = f"""
     SELECT :after <= ({NEWEST_ID})
        AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < :after
                      ORDER BY after_id DESC LIMIT 1), 0) <= :after
        AND coalesce((SELECT upto FROM pruned WHERE tenant_name = :tenant), 0) <= :after
        AND coalesce((SELECT tenant_moved_at FROM users WHERE username = :username), -1)
-           < :after"""
+           < :after
+       AND coalesce((SELECT tenant_name FROM events WHERE id = :after), :tenant) = :tenant"""
 PRUNE_SCAN = """
     SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e
     LEFT JOIN latest l ON l.tenant_name = e.tenant_name AND l.event = e.event

@@ -73,6 +73,11 @@ def test_tenant_change_at_or_after_the_id_gets_the_new_tenants_state(server):
     assert resumed(server, mover, newest_red[0], 2) == blue_state
     assert resumed(server, mover, blue_state[0][0], 2) == blue_state
 
+    # An id of a red event, even one newer than the move (a stream of red could only have
+    # sent it), proves nothing about blue.
+    red_after_move = insert(server, server.user(unique("red_peer"), tenant=red), "colour", "r")
+    assert resumed(server, mover, red_after_move[0], 2) == blue_state
+
     # Once it has seen a blue event after the move, a resume is a replay again.
     after_move = insert(server, blue_peer, "colour", "blue after the move")
     later = insert(server, blue_peer, "only_blue", 3)
