@@ -182,35 +182,41 @@ def soak(connects: int, login_count: int) -> dict:
 # -- report -------------------------------------------------------------------------------------
 def markdown(results: dict) -> str:
     lines = ["# broker's footprint", "",
-             (f"{results['date']}, {results['cpu']} ({os.cpu_count()} cores, shared), Python "
-             f"{sys.version.split()[0]}. Produced by `python bench/footprint.py "
-             f"{results['args']}`."), ""]
+             (f"{results['cpu']} ({os.cpu_count()} cores, shared), Python "
+              f"{sys.version.split()[0]}. Produced by `python bench/footprint.py` "
+              "(bench/README.md); each part says when it ran."), ""]
     if "startup" in results:
-        lines += ["## Startup: process start to the first 200 on `GET /`", "",
-                  "| loop | runs | median | max | RSS median | RSS max |", "|---|---|---|---|---|---|"]
-        for loop, row in results["startup"].items():
+        part = dict(results["startup"])
+        lines += [f"## Startup: process start to the first 200 on `GET /` ({part.pop('ran')})",
+                  "", "| loop | runs | median | max | RSS median | RSS max |",
+                  "|---|---|---|---|---|---|"]
+        for loop, row in part.items():
             lines.append(f"| {loop} | {row['runs']} | {row['ready_ms_median']} ms | "
                          f"{row['ready_ms_max']} ms | {row['rss_mib_median']} MiB | "
                          f"{row['rss_mib_max']} MiB |")
         lines.append("")
     if "logins" in results:
-        lines += ["## Logins (8 clients, one hashing thread)", "",
+        part = dict(results["logins"])
+        lines += [f"## Logins, 8 clients, one hashing thread ({part.pop('ran')})", "",
                   "| Argon2id parameters | logins/s | server CPU per login | RSS after |",
                   "|---|---|---|---|"]
-        for name, row in results["logins"].items():
+        for name, row in part.items():
             lines.append(f"| {name} | {row['logins_per_s']} | {row['server_cpu_ms_per_login']} ms"
                          f" | {row['rss_mib_after']} MiB |")
         lines.append("")
     if "soak" in results:
         row = results["soak"]
-        lines += ["## Soak: streams opened and closed, then logins, on one process", "",
+        rss = row["rss_mib"]
+        lines += [f"## Soak: streams opened and closed, then logins, one process ({row['ran']})",
+                  "",
                   (f"{row['completed']:,} of {row['connects']:,} streams completed "
-                  f"({row['connects_per_s']:,}/s, errors {row['connect_errors'] or 'none'}), "
-                  f"then {row['logins']:,} logins ({row['login_statuses']})."), "",
+                   f"({row['connects_per_s']:,}/s, errors {row['connect_errors'] or 'none'}), "
+                   f"then {row['logins']:,} logins ({row['login_statuses']}, "
+                   f"{row.get('logins_per_s', '?')}/s)."), "",
                   "| RSS at start | after the streams | after the logins | growth |",
                   "|---|---|---|---|",
-                  (f"| {row['rss_mib']['start']} MiB | {row['rss_mib']['after_connects']} MiB | "
-                  f"{row['rss_mib']['after_logins']} MiB | {row['growth_mib']} MiB |"), ""]
+                  (f"| {rss['start']} MiB | {rss['after_connects']} MiB | "
+                   f"{rss['after_logins']} MiB | {row['growth_mib']} MiB |"), ""]
     return "\n".join(lines)
 
 
@@ -225,15 +231,18 @@ def main() -> None:
     args = parser.parse_args()
     loadgen.raise_fd_limit()
     parts = args.only.split(",")
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": machine()["cpu"],
-                     "args": " ".join(sys.argv[1:])}
-    if "startup" in parts:
-        results["startup"] = startup(args.runs)
-    if "logins" in parts:
-        results["logins"] = logins(args.login_seconds)
-    if "soak" in parts:
-        results["soak"] = soak(args.soak_connects, args.soak_logins)
     out = Path(args.out)
+    previous = out / "footprint.json"
+    # Parts not run now are kept from the previous run (each part says when it ran).
+    results: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    results.update({"cpu": machine()["cpu"], "args": " ".join(sys.argv[1:])})
+    now = time.strftime("%Y-%m-%d %H:%M %Z")
+    if "startup" in parts:
+        results["startup"] = {"ran": now, **startup(args.runs)}
+    if "logins" in parts:
+        results["logins"] = {"ran": now, **logins(args.login_seconds)}
+    if "soak" in parts:
+        results["soak"] = {"ran": now, **soak(args.soak_connects, args.soak_logins)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "footprint.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "footprint.md").write_text(markdown(results))
