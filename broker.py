@@ -1307,9 +1307,6 @@ class Connection(asyncio.Protocol):
         self.tenant = user.tenant_name
         self.reads = grants(tuple(user.scopes))[0] if self.app.config.enforce_scopes else None
 
-    def may_read(self, name: str) -> bool:
-        return self.reads is None or self.reads(name)
-
     def send_events(self, events: list[Event]) -> None:
         """Send those of the events this stream may read (sync, replay, held while syncing)."""
         if self.transport.is_closing():
