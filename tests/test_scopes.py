@@ -5,10 +5,13 @@ the flag, scopes mean nothing to the server. Real server, real sockets."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from api_support import launch
 from conftest import SSE, Server, basic
 from stream_support import admin, open_resume, unique, wait_until_closed
+from test_stream import drain, open_stalled_subscriber
 
 PASSWORD = "correct horse 1"
 WRITER = ["*:post"]
@@ -160,6 +163,39 @@ def test_subscribers_with_different_scopes_in_one_tenant_each_get_exactly_theirs
     for stream in streams.values():
         stream.close()
 
+
+
+def test_a_stalled_subscriber_is_cut_off_and_its_group_and_others_carry_on(make_server):
+    server = make_server("--enforce_scopes", "--max_buffer", "65536")
+    tenant = unique("stall")
+    writer = server.user(unique("writer"), tenant=tenant, scopes=WRITER)
+    stalled_auth = server.user(unique("stalled"), tenant=tenant, scopes=["load:get"])
+    peer = server.user(unique("peer"), tenant=tenant, scopes=["load:get"])  # the same group
+    other = server.user(unique("other"), tenant=tenant, scopes=["*:get"])  # another group
+    stalled = open_stalled_subscriber(server.port, stalled_auth)
+    streams = [server.sse(peer), server.sse(other)]
+    warm_id = server.insert(writer, "load", 0).json()["id"]
+    assert [stream.next().id for stream in streams] == [warm_id, warm_id]
+
+    ids: list[int] = []
+
+    def publish() -> None:  # about 600 KB, far over --max_buffer
+        for n in range(200):
+            ids.append(server.insert(writer, "load", {"n": n, "pad": "x" * 3000}).json()["id"])
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    received = [[frame.id for frame in stream.take(200, timeout=10.0)] for stream in streams]
+    publisher.join(10.0)
+    assert received == [ids, ids]
+    data, ended = drain(stalled, timeout=5.0)
+    stalled.close()
+    assert ended and data.count(b"event:load") < 200, "the stalled subscriber was not cut off"
+    metrics = server.get("/metrics", headers={"Authorization": f"Bearer {server.admin_token}"})
+    assert "broker_slow_consumer_disconnects_total 1" in metrics.body.decode()
+    assert f'broker_sse_tenant_subscribers{{tenant="{tenant}"}} 2' in metrics.body.decode()
+    for stream in streams:
+        stream.close()
 
 
 # -- the stored scopes decide, at once ----------------------------------------------------
