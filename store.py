@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS users (
     scopes TEXT NOT NULL,              -- JSON array of strings
     data TEXT,                         -- JSON, or NULL
     tokens_valid_after INTEGER NOT NULL DEFAULT 0,  -- JWTs issued before this second are void
-    tenant_moved_at INTEGER   -- the newest event id when the user last changed tenant, or NULL
+    access_changed_at INTEGER  -- newest event id when its tenant or scopes last changed, or NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,            -- increases with every insert, never reused (see ID_GAPS)
@@ -329,12 +329,14 @@ class Store:
         values = {k: _column_value(k, v) for k, v in changes.items()}
 
         def run(conn: sqlite3.Connection) -> User | None:
-            if "tenant_name" in values:
-                # For the resume rule: no Last-Event-ID up to this one proves anything in the
-                # new tenant (see resume_page). Same transaction as the move itself.
-                conn.execute(f"UPDATE users SET tenant_moved_at = ({NEWEST_ID}) "
-                             "WHERE username = ? AND tenant_name <> ?",
-                             (username, values["tenant_name"]))
+            access = {k: v for k, v in values.items() if k in ("tenant_name", "scopes")}
+            if access:
+                # For the resume rule: when what the user's stream carries changes, no
+                # Last-Event-ID up to this one proves anything (see resume_page). Recorded in
+                # the change's own transaction, and only when a value really differs.
+                differs = " OR ".join(f"{column} <> ?" for column in access)
+                conn.execute(f"UPDATE users SET access_changed_at = ({NEWEST_ID}) "
+                             f"WHERE username = ? AND ({differs})", (username, *access.values()))
             if values:
                 assignments = ", ".join(f"{column} = ?" for column in values)
                 conn.execute(f"UPDATE users SET {assignments} WHERE username = ?",
@@ -441,15 +443,15 @@ INSERT_EVENT = f"""
     VALUES (max(?, ({NEWEST_ID}) + 1), ?, ?, ?, ?)"""
 # Whether the log proves that a client holding `after` has seen all of the tenant up to it:
 # the id was issued here (not newer than the newest, not in a gap of ids never issued: a
-# restored backup, another database), the events after it were not pruned, the user was not
-# moved to this tenant at or after it, and it is not the id of another tenant's event (which
-# only a stream of that tenant could have sent).
+# restored backup, another database), the events after it were not pruned, the user's tenant
+# or scopes did not change at or after it, and it is not the id of another tenant's event
+# (which only a stream of that tenant could have sent).
 RESUME_PROOF = f"""
     SELECT :after <= ({NEWEST_ID})
        AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < :after
                      ORDER BY after_id DESC LIMIT 1), 0) <= :after
        AND coalesce((SELECT upto FROM pruned WHERE tenant_name = :tenant), 0) <= :after
-       AND coalesce((SELECT tenant_moved_at FROM users WHERE username = :username), -1)
+       AND coalesce((SELECT access_changed_at FROM users WHERE username = :username), -1)
            < :after
        AND coalesce((SELECT tenant_name FROM events WHERE id = :after), :tenant) = :tenant"""
 PRUNE_SCAN = """
@@ -501,8 +503,8 @@ def _start_id_range(conn: sqlite3.Connection) -> int:
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Columns added since the first release, for databases made before them."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
-    if "tenant_moved_at" not in columns:
-        conn.execute("ALTER TABLE users ADD COLUMN tenant_moved_at INTEGER")
+    if "access_changed_at" not in columns:
+        conn.execute("ALTER TABLE users ADD COLUMN access_changed_at INTEGER")
 
 
 def _column_value(column: str, value: Any) -> Any:

@@ -159,3 +159,25 @@ def test_a_restart_keeps_resume_a_replay(server):
     after = insert(server, auth, "state", 2)
     assert after[0] > seen[0] + 1  # ids jumped to the clock at the restart
     assert resumed(server, auth, seen[0], 1) == [after]
+
+
+def test_a_scope_change_at_or_after_the_id_gets_the_new_state(make_server):
+    # With --enforce_scopes, a newly granted `NAME:get` makes older events visible: a replay
+    # after the last id seen would never send them.
+    server = make_server("--enforce_scopes")
+    tenant, name = unique("scoped"), unique("reader")
+    writer = server.user(unique("writer"), tenant=tenant, scopes=["*:post"])
+    reader = server.user(name, tenant=tenant, scopes=["a:get"])
+    older_b = insert(server, writer, "b", "granted later")
+    newer_a = insert(server, writer, "a", "seen")
+    stream = server.sse(reader)
+    assert received(stream, 1) == [newer_a]
+    stream.close()
+    assert admin(server, "/update_user", username=name, scopes=["a:get", "b:get"]).status == 200
+    assert resumed(server, reader, newer_a[0], 2) == [older_b, newer_a]
+    # After an event past the change, a resume is a replay; setting the same scopes again
+    # changes nothing.
+    later = insert(server, writer, "b", "after the change")
+    assert resumed(server, reader, newer_a[0], 2) == [newer_a, later]  # still the state
+    assert admin(server, "/update_user", username=name, scopes=["a:get", "b:get"]).status == 200
+    assert resumed(server, reader, later[0], 0) == []
