@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS users (
     access_changed_at INTEGER  -- newest event id when its tenant or scopes last changed, or NULL
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,            -- increases with every insert, never reused (see ID_GAPS)
+    id INTEGER PRIMARY KEY,            -- increases with every insert, never reused (see id_gaps)
     tenant_name TEXT NOT NULL,
     event TEXT NOT NULL,
     data TEXT NOT NULL,                -- compact JSON, exactly as sent on the stream

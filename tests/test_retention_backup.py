@@ -4,6 +4,7 @@ Real servers, real files; the test reads the database files only to check them."
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_bad_retention_and_argon2_options_are_refused(tmp_path):
                                 capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 2, (args, result.stderr)
         assert "error" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_backup_takes_the_database_from_broker_db(tmp_path):
+    source = tmp_path / "live.db"
+    conn = sqlite3.connect(source)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (42)")
+    conn.commit()
+    conn.close()
+    env = {**os.environ, "BROKER_DB": str(source)}
+    result = subprocess.run([sys.executable, "-m", "broker", "backup", str(tmp_path / "copy.db")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert rows(tmp_path / "copy.db", "SELECT x FROM t") == [(42,)]
