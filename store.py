@@ -391,7 +391,6 @@ class Store:
         return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
                                                              (tenant_name, after_id, limit)))
 
-
     async def resume_page(self, username: str, tenant_name: str, after_id: int,
                           limit: int) -> tuple[list[Event], int] | None:
         """As events_after, when the log proves that a client of `username` which has seen
