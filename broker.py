@@ -16,6 +16,7 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -28,6 +29,7 @@ import resource
 import secrets
 import signal
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -35,14 +37,16 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import argon2
 import h11
 import jwt
 
 from store import Event, Store, StoreError, User, UsernameTaken
+
+if TYPE_CHECKING:
+    import argon2
 
 log = logging.getLogger("broker")
 
@@ -54,6 +58,17 @@ JWT_ISSUER = "Broker"
 # ---------------------------------------------------------------------------------------
 # Configuration: every option is a flag and an environment variable BROKER_<NAME>.
 # ---------------------------------------------------------------------------------------
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds in `45s`, `90m`, `12h` or `30d` (or a plain `0`)."""
+    match = re.fullmatch(r"(\d{1,9})([smhd]?)", text.strip())
+    if not match or (not match.group(2) and match.group(1).strip("0")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 45s, 90m, 12h, 30d")
+    return int(match.group(1)) * DURATION_UNITS.get(match.group(2), 0)
+
 
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
@@ -81,6 +96,14 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("enforce_scopes", bool, False,
+     "let users insert and receive only the events their scopes grant (NAME:post, NAME:get)"),
+    ("retention", duration, "0",
+     ("delete events older than this (45s, 90m, 12h, 30d), except the newest of each name; "
+      "0 keeps everything")),
+    ("argon2_memory_kib", int, 19456, "Argon2id memory per password hash, in KiB"),
+    ("argon2_time_cost", int, 2, "Argon2id passes over that memory"),
+    ("argon2_parallelism", int, 1, "Argon2id lanes (threads) per hash"),
     ("max_streams_per_user", int, 100,
      "event streams one user may hold open; one more closes that user's oldest"),
     ("cache_bytes", int, 64 << 20,
@@ -111,9 +134,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    # Argon2's own bounds: at least one pass, and 8 KiB of memory per lane.
+    if not (config.argon2_time_cost >= 1 and 1 <= config.argon2_parallelism <= 255
+            and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
+        parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
+                     "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
     return config
+
+
+def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
+    # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
+    # a server needs it.
+    import argon2
+
+    return_big_blocks_to_the_system()
+
+    # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
+    # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
+    return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
+                                 memory_cost=config.argon2_memory_kib,
+                                 parallelism=config.argon2_parallelism)
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -140,7 +182,8 @@ def setup_logging(config: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
@@ -286,9 +329,49 @@ def event_name_field(body: dict[str, Any]) -> str:
     return text_field(body, "event", max_len=256)
 
 
+# -- scopes: which events a user may insert and receive (with --enforce_scopes) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class EventNames:
+    """The event names that some scope patterns grant: exact names, and literal prefixes
+    (the pattern `chat.*` is the prefix "chat.", and `*` the prefix "", which every name
+    has). Compared by value: subscribers with equal EventNames share one fan-out group."""
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    def __call__(self, name: str) -> bool:
+        return name in self.exact or name.startswith(self.prefixes)
+
+
+def event_names(patterns: list[str]) -> EventNames:
+    # Normalized, so that equal grants compare equal (`*` with `news` is just `*`).
+    stems = {p[:-1] for p in patterns if p.endswith("*")}
+    prefixes = tuple(sorted(p for p in stems if not any(p != q and p.startswith(q)
+                                                         for q in stems)))
+    exact = frozenset(p for p in patterns if not p.endswith("*") and not p.startswith(prefixes))
+    return EventNames(exact, prefixes)
+
+
+@functools.lru_cache(maxsize=4096)
+def grants(scopes: tuple[str, ...]) -> tuple[EventNames, EventNames]:
+    """The names these scopes may get (`NAME:get`) and post (`NAME:post`). Other scopes
+    stay on the user and in its JWT, and grant nothing here."""
+    patterns: dict[str, list[str]] = {"get": [], "post": []}
+    for scope in scopes:
+        name, _, action = scope.rpartition(":")
+        if name and action in patterns:
+            patterns[action].append(name)
+    return event_names(patterns["get"]), event_names(patterns["post"])
+
+
 # ---------------------------------------------------------------------------------------
 # Fan-out: who listens to which tenant. Each committed event is encoded once, and the
 # same bytes go to every subscriber of its tenant with one transport.write each.
+# With --enforce_scopes, a tenant's subscribers are grouped by what they may read: each
+# group gets the frames it may read, with no check per subscriber. Without, a tenant is
+# one group.
 # ---------------------------------------------------------------------------------------
 
 
@@ -434,19 +517,24 @@ class TenantState:
             self.apply(event)
         self.size = self.recent_bytes + sum(len(frame) for _, frame in self.latest.values())
 
-    def sync(self) -> bytes:
-        """The newest event of each name, oldest first."""
+    def sync(self, reads: EventNames | None = None) -> bytes:
+        """The newest event of each name (that `reads` allows), oldest first."""
+        if reads is not None:  # a permission group (--enforce_scopes): not kept
+            return b"".join(frame for _, frame in sorted(
+                entry for name, entry in self.latest.items() if reads(name)))
         if self._sync is None:
             self._sync = b"".join(frame for _, frame in sorted(self.latest.values()))
             self.size += len(self._sync)
         return self._sync
 
-    def after(self, last_id: int) -> bytes | None:
-        """The frames of every event after `last_id`, or None when some are not in memory."""
-        if last_id < self.horizon:
+    def after(self, last_id: int, reads: EventNames | None = None) -> bytes | None:
+        """The frames of every event after `last_id` (that `reads` allows), when `last_id`
+        is the id of one of the recent events; else None."""
+        at = bisect.bisect_left(self.recent, last_id, key=_event_id)
+        if at == len(self.recent) or self.recent[at][0] != last_id:
             return None
-        at = bisect.bisect_right(self.recent, last_id, key=_event_id)
-        return b"".join(frame for _, _, frame in self.recent[at:])
+        return b"".join(frame for _, name, frame in self.recent[at + 1:]
+                        if reads is None or reads(name))
 
 
 class StateCache:
@@ -540,7 +628,8 @@ class StateCache:
 class Hub:
     def __init__(self, published_upto: int = 0, cache_bytes: int = 64 << 20,
                  max_streams_per_user: int = 100) -> None:
-        self.tenants: dict[str, Tenant] = {}
+        # Tenant name -> what its subscribers may read (Connection.reads) -> their group.
+        self.tenants: dict[str, dict[EventNames | None, Tenant]] = {}
         # A user's streams, oldest first (a dict keeps insertion order).
         self.by_user: dict[str, dict[Connection, None]] = {}
         self.max_streams_per_user = max_streams_per_user
@@ -561,14 +650,21 @@ class Hub:
         for event in events:
             by_tenant.setdefault(event.tenant_name, []).append(event)
         for name, batch in by_tenant.items():
-            tenant = self.tenants.get(name)
-            if tenant is None:
+            groups = self.tenants.get(name)
+            if groups is None:
                 continue
-            for held in tenant.syncing.values():
-                held.extend(batch)
-            if tenant.live:
-                written = tenant.write(b"".join(sse_frame(event) for event in batch))
-                self.frames_delivered += written * len(batch)
+            frames = [sse_frame(event) for event in batch]
+            everything = b"".join(frames)
+            # A copy: a write can cut a slow subscriber and so remove its group.
+            for reads, group in tuple(groups.items()):
+                for held in group.syncing.values():
+                    held.extend(batch)  # Connection.send_events filters them
+                if not group.live:
+                    continue
+                payload, count = (everything, len(batch)) if reads is None else \
+                    readable_frames(reads, batch, frames, everything)
+                if count:
+                    self.frames_delivered += group.write(payload) * count
         self.states.remember(events)
         self.published_upto = events[-1].id
         for conn, sent_upto in list(self.waiting.items()):
@@ -598,13 +694,16 @@ class Hub:
         state = self.states.cached(tenant) or await self.states.load(tenant, store)
         return state, self.published_upto if state.upto is None else state.upto
 
+    def group_of(self, conn: Connection) -> Tenant | None:
+        return self.tenants.get(conn.tenant, {}).get(conn.reads)
+
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
-        tenant = self.tenants.get(conn.tenant)
-        if tenant is None:
-            tenant = self.tenants[conn.tenant] = Tenant()
+        groups = self.tenants.get(conn.tenant)
+        if groups is None:
+            groups = self.tenants[conn.tenant] = {}
             self.states.set_active(conn.tenant, True)
-        tenant.syncing[conn] = []
+        groups.setdefault(conn.reads, Tenant()).syncing[conn] = []
         streams = self.by_user.setdefault(conn.username, {})
         streams[conn] = None
         if len(streams) > self.max_streams_per_user:
@@ -621,7 +720,7 @@ class Hub:
 
     def go_live(self, conn: Connection, sent_upto: int) -> None:
         """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is None or conn not in tenant.syncing:
             return  # it went away meanwhile
         if sent_upto > self.published_upto:
@@ -635,17 +734,27 @@ class Hub:
 
     def leave(self, conn: Connection) -> None:
         self.waiting.pop(conn, None)
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is not None:
             tenant.remove(conn)
             if not tenant.live and not tenant.syncing:
-                del self.tenants[conn.tenant]
-                self.states.set_active(conn.tenant, False)
+                groups = self.tenants[conn.tenant]
+                del groups[conn.reads]
+                if not groups:
+                    del self.tenants[conn.tenant]
+                    self.states.set_active(conn.tenant, False)
         users = self.by_user.get(conn.username)
         if users is not None:
             users.pop(conn, None)
             if not users:
                 del self.by_user[conn.username]
+
+    def mute_user(self, username: str) -> None:
+        """Stop sending to the user's streams, but leave them open until close_user."""
+        for conn in self.by_user.get(username, ()):
+            group = self.group_of(conn)
+            if group is not None:
+                group.remove(conn)
 
     def close_user(self, username: str) -> None:
         for conn in list(self.by_user.get(username, ())):
@@ -657,12 +766,23 @@ class Hub:
                 conn.end_stream()
 
     def heartbeat(self) -> None:
-        # A copy: a write can cut a slow subscriber and so remove its tenant.
-        for tenant in list(self.tenants.values()):
+        # A copy: a write can cut a slow subscriber and so remove its group.
+        for tenant in [g for groups in self.tenants.values() for g in groups.values()]:
             tenant.write(HEARTBEAT, framed=HEARTBEAT_CHUNK)
 
-    def count(self) -> int:
-        return sum(len(t.live) + len(t.syncing) for t in self.tenants.values())
+    def count(self, tenant: str | None = None) -> int:
+        """Subscribers of one tenant, or of all."""
+        chosen = [self.tenants.get(tenant, {})] if tenant else self.tenants.values()
+        return sum(len(g.live) + len(g.syncing) for groups in chosen for g in groups.values())
+
+
+def readable_frames(reads: EventNames, batch: list[Event], frames: list[bytes],
+                    everything: bytes) -> tuple[bytes, int]:
+    """The frames of the batch whose events `reads` allows, joined, and how many."""
+    chosen = [frame for event, frame in zip(batch, frames) if reads(event.event)]
+    if len(chosen) == len(frames):
+        return everything, len(frames)
+    return b"".join(chosen), len(chosen)
 
 
 # ---------------------------------------------------------------------------------------
@@ -710,12 +830,13 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
-        self.hasher = argon2.PasswordHasher()
+        self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
         self.queued_hashes = 0
-        self.dummy_hash = self.hasher.hash(secrets.token_hex(8))
+        # Made at the first password check, not at start (a hash costs startup time).
+        self.dummy_hash: str | None = None
         # Verified Basic credentials, as keyed hashes of (stored hash, password): a password
         # change makes a new stored hash and so voids the entry. Never the plain password.
         self.basic_key = secrets.token_bytes(32)
@@ -723,6 +844,12 @@ class Auth:
         self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
         self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
+
+    @property
+    def hasher(self) -> argon2.PasswordHasher:
+        if self._hasher is None:
+            self._hasher = password_hasher(self.config)
+        return self._hasher
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
@@ -753,11 +880,10 @@ class Auth:
 
     async def verify(self, password_hash: str, password: str) -> bool:
         def check() -> bool:
+            from argon2.exceptions import InvalidHashError, VerificationError
             try:
                 return self.hasher.verify(password_hash, password)
-            except argon2.exceptions.VerificationError:
-                return False
-            except argon2.exceptions.InvalidHashError:
+            except (VerificationError, InvalidHashError):
                 return False
         return await self._in_pool(check)
 
@@ -766,14 +892,36 @@ class Auth:
         limit = self.config.auth_failures
         self.throttle.check(f"user:{username}", limit)
         self.throttle.check(f"addr:{client}", limit * 3)
-        user = await self.user(username)
         # Verify against a dummy hash for unknown users, so timing does not reveal names.
-        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
+        # The dummy is made before the lookup, whoever asks: only the very first check
+        # after start pays for it, known user or not.
+        dummy = self.dummy_hash or await self.make_dummy_hash()
+        user = await self.user(username)
+        ok = await self.verify(user.password_hash if user else dummy, password)
         if not ok or user is None or user.revoked:
             self.throttle.fail(f"user:{username}")
             self.throttle.fail(f"addr:{client}")
             raise unauthorized("wrong username or password, or the user is revoked")
+        if self.hasher.check_needs_rehash(user.password_hash):
+            user = await self.rehash(user, password)
         return user
+
+    async def make_dummy_hash(self) -> str:
+        self.dummy_hash = await self._in_pool(self.hasher.hash, secrets.token_hex(8))
+        return self.dummy_hash
+
+    async def rehash(self, user: User, password: str) -> User:
+        """Store the password hashed with the current Argon2 parameters (they changed since
+        it was set). Only if the stored hash is still the one just verified: a password
+        changed meanwhile stays changed. Tokens stay valid: the password is the same."""
+        updated = await self.store.replace_password_hash(
+            user.username, user.password_hash, await self.hash(password))
+        if updated is None:
+            return user
+        self.remember(updated)
+        log.info("rehashed the password of %s with the current Argon2 parameters",
+                 user.username)
+        return updated
 
     def check_admin(self, body: dict[str, Any], client: str) -> None:
         token = body.get("admin_token")
@@ -872,6 +1020,17 @@ class Auth:
                         hashlib.sha256).digest()
 
 
+def return_big_blocks_to_the_system() -> None:
+    """glibc serves a large allocation with its own mmap and unmaps it when freed, but then
+    raises that threshold to the size freed: from the second login on, each hash's 19 MiB
+    would come from a heap that keeps it, and RSS would stay 20 MB higher for good. Pinning
+    the threshold (which stops it moving) gives the memory back after every hash."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up are mmapped
+
+
 def lower_thread_priority() -> None:
     """Nice this thread (and the threads Argon2 starts from it for its lanes), so that the
     scheduler prefers the event loop: inserts and streams stay prompt during a login flood."""
@@ -934,7 +1093,7 @@ class Metrics:
             f"broker_sse_tenants {len(tenants)}",
             "# TYPE broker_sse_tenant_subscribers gauge",
             *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} '
-              f"{len(t.live) + len(t.syncing)}" for name, t in sorted(tenants.items())),
+              f"{app.hub.count(name)}" for name in sorted(tenants)),
             "# TYPE broker_events_inserted_total counter",
             f"broker_events_inserted_total {self.events_inserted}",
             "# TYPE broker_frames_delivered_total counter",
@@ -1084,6 +1243,8 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
+            raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
         event = await self.store.insert_event(user.tenant_name, name, data)
         self.metrics.observe_insert(time.perf_counter() - started)
@@ -1101,11 +1262,10 @@ class App:
             # `covered`: the newest published id the sync or replay reflects. Every event up
             # to it was sent or is not wanted (superseded, or the client had it); later ones
             # were held for this subscriber since join().
-            state, covered = await self.hub.state_of(user.tenant_name, self.store)
             if last_id is None:
-                conn.send_frames(state.sync())
+                covered = await self.send_state(conn, user)
             else:
-                covered = await self.replay(conn, state, covered, last_id)
+                covered = await self.replay(conn, user, last_id)
             conn.send_frames(b"")  # the head, when there was nothing to send with it
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
@@ -1115,18 +1275,37 @@ class App:
         self.hub.go_live(conn, covered)
         return STREAMING
 
-    async def replay(self, conn: Connection, state: TenantState, covered: int,
-                     after: int) -> int:
-        """Send every event of the tenant after `after`: from memory when the tenant's recent
-        past reaches back that far, else from the store page by page. Returns the newest id
-        the events sent reflect."""
-        recent = state.after(after)
-        if recent is not None:
+    async def send_state(self, conn: Connection, user: User) -> int:
+        """The latest value of each name the stream may read, from memory. Returns the
+        newest published id they reflect."""
+        state, covered = await self.hub.state_of(user.tenant_name, self.store)
+        conn.send_frames(state.sync(conn.reads))
+        return covered
+
+    async def replay(self, conn: Connection, user: User, after: int) -> int:
+        """Send every event of the user's tenant after `after`. Returns the newest id the
+        events sent reflect.
+
+        The resume rule: replay only what the log can prove the client is missing. When it
+        cannot (an id from another history or the future, a change of tenant or scopes at
+        or after it, events after it pruned; see Store.resume_page), send the latest values instead, as
+        on a fresh connect: the client is whole again, without any extra frame.
+
+        From memory, without SQL, when `after` is one of the tenant's recent events (which
+        proves it is of this tenant and this history, and every later event is in memory)
+        and the user's tenant and scopes did not change at or after it. Else from the
+        store, page by page."""
+        state, covered = await self.hub.state_of(user.tenant_name, self.store)
+        recent = state.after(after, conn.reads)
+        if recent is not None and (user.access_changed_at or 0) < after:
             conn.send_frames(recent)
             return covered
-        tenant = conn.tenant
         while True:
-            page, newest = await self.store.events_after(tenant, after, SYNC_PAGE)
+            found = await self.store.resume_page(user.username, user.tenant_name, after,
+                                                 SYNC_PAGE)
+            if found is None:
+                return await self.send_state(conn, user)
+            page, newest = found
             if page:
                 conn.send_events(page)
                 after = page[-1].id
@@ -1197,9 +1376,20 @@ class App:
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
         before = await self.auth.user(username)
-        user = await self._change_user(username, changes)
-        if password is not None or (before and before.tenant_name != user.tenant_name):
-            self.hub.close_user(username)  # they reconnect with the new state
+        rescoped = self.config.enforce_scopes and before is not None \
+            and changes.get("scopes", before.scopes) != before.scopes
+        moving = before is not None and changes.get("tenant_name", before.tenant_name) \
+            != before.tenant_name
+        if moving or rescoped:
+            # What the user's streams may carry changes: nothing more may reach them once the
+            # change commits, so their Last-Event-ID stays at or before the id the change
+            # records (Store.update_user), and their resume gets the new state.
+            self.hub.mute_user(username)
+        try:
+            user = await self._change_user(username, changes)
+        finally:
+            if moving or rescoped or password is not None:
+                self.hub.close_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
 
@@ -1230,7 +1420,8 @@ def last_event_id(req: Request) -> int | None:
 class Connection(asyncio.Protocol):
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
-                 "request", "started", "tenant", "timer", "transport", "unsent", "username",
+                 "reads", "request", "started", "tenant", "timer", "transport", "unsent",
+                 "username",
                  "write_paused")
 
     def __init__(self, app: App) -> None:
@@ -1247,6 +1438,7 @@ class Connection(asyncio.Protocol):
         self.chunked = True
         self.username = ""
         self.tenant = ""
+        self.reads: EventNames | None = None  # what a stream may receive; None: everything
         self.drain_waiter: asyncio.Future | None = None
         self.write_paused = False
         self.unsent = b""  # a stream's head, until its first frames go out with it
@@ -1292,7 +1484,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        tenant = self.app.hub.tenants.get(self.tenant) if self.username else None
+        tenant = self.app.hub.group_of(self) if self.username else None
         if tenant is not None and self in tenant.live:
             self.app.hub.slow_consumers_cut += 1
             log.warning("cut off slow subscriber %s (%s): over %d unsent bytes",
@@ -1509,8 +1701,13 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()  # to notice the client hanging up
         self.username = user.username
         self.tenant = user.tenant_name
+        self.reads = grants(tuple(user.scopes))[0] if self.app.config.enforce_scopes else None
 
     def send_events(self, events: list[Event]) -> None:
+        """Send those of the events this stream may read (held while syncing, a replay
+        from the store)."""
+        if self.reads is not None:
+            events = [event for event in events if self.reads(event.event)]
         self.send_frames(b"".join(sse_frame(event) for event in events))
 
     def send_frames(self, payload: bytes) -> None:
@@ -1554,6 +1751,28 @@ async def heartbeats(app: App) -> None:
         app.auth.throttle.forget_old()
 
 
+PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts
+
+
+async def enforce_retention(app: App) -> None:
+    """Delete events older than --retention: at start, then every minute (or every half
+    retention when that is shorter), in small batches that queue among the inserts."""
+    keep = app.config.retention
+    while True:
+        deleted = 0
+        try:
+            while True:
+                count = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
+                deleted += count
+                if count < PRUNE_BATCH:
+                    break
+        except StoreError as exc:
+            log.warning("retention: pruning failed, trying again later: %s", exc)
+        if deleted:
+            log.info("retention: deleted %d events older than %gs", deleted, keep)
+        await asyncio.sleep(min(60.0, max(1.0, keep / 2)))
+
+
 def tls_context(config: argparse.Namespace) -> ssl.SSLContext | None:
     if not config.cert_path:
         return None
@@ -1583,9 +1802,12 @@ async def serve(config: argparse.Namespace) -> None:
     # SIGHUP from log rotation or a closed terminal must not stop the server.
     loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: logging to stderr, nothing to reopen")
     beat = asyncio.create_task(heartbeats(app))
+    pruner = asyncio.create_task(enforce_retention(app)) if config.retention else None
     await stop.wait()
     log.info("shutting down")
     beat.cancel()
+    if pruner:
+        pruner.cancel()
     await shutdown(app, server)
     log.info("stopped")
 
@@ -1623,6 +1845,10 @@ def raise_open_file_limit(wanted: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and not args[0].startswith("-"):  # the server takes no positional argument
+        import tools  # tools that are not the server: `broker backup ...`
+        raise SystemExit(tools.main(args))
     config = parse_args(argv)
     setup_logging(config)
     raise_open_file_limit(config.max_connections + 64)  # + the database, logs, listeners
