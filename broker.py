@@ -385,6 +385,8 @@ def chunk(payload: bytes) -> bytes:
 
 
 HEARTBEAT = b":\n\n"
+HEARTBEAT_CHUNK = chunk(HEARTBEAT)
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def retry_frame() -> bytes:
@@ -396,8 +398,6 @@ def retry_frame() -> bytes:
     sees an empty frame, as for a heartbeat. EventSource skips the comment, and a frame
     without data dispatches nothing."""
     return b":data:event:id:\nretry:%d\n\n" % random.randint(2000, 6000)
-HEARTBEAT_CHUNK = chunk(HEARTBEAT)
-LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Tenant:
