@@ -56,7 +56,8 @@ JWT_ISSUER = "Broker"
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "port to listen on; 0 picks a free one"),
-    ("db", str, "broker.db", "path of the SQLite database file"),
+    ("db", str, "broker.db",
+     "path of the SQLite database file, or a postgresql:// URL (several processes)"),
     ("admin_token", str, DEFAULT_ADMIN_TOKEN,
      "token that create_user and the other admin endpoints require; change it"),
     ("jwt_secret", str, None,
@@ -79,6 +80,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("reuse_port", bool, False,
+     "share the port with other broker processes (SO_REUSEPORT; PostgreSQL only)"),
 ]
 
 
@@ -105,7 +108,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    if config.reuse_port and not is_postgres_url(config.db):
+        parser.error("--reuse_port needs PostgreSQL (--db postgresql://...): one process "
+                     "owns a SQLite file")
     return config
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def shown_db(db: str) -> str:
+    """The database for the log, without a password in a URL."""
+    if not is_postgres_url(db):
+        return db
+    parts = urlsplit(db)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -1283,14 +1301,16 @@ async def serve(config: argparse.Namespace) -> None:
         await app.start()
     except StoreError as exc:
         log.error("%s", exc)
-        log.error("refusing to start: fix or move the database file (it was not changed)")
+        log.error("refusing to start (the database was not changed)")
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      ssl=tls_context(config), backlog=2048)
+                                      ssl=tls_context(config), backlog=2048,
+                                      reuse_port=config.reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
-    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme, config.db)
+    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme,
+             shown_db(config.db))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -13,8 +13,10 @@ beside the writer). The event loop only ever waits on futures.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -137,6 +139,7 @@ class Store:
         self.writer: threading.Thread | None = None
         self.writer_conn: sqlite3.Connection | None = None
         self.reader_conns: list[sqlite3.Connection] = []
+        self.lock_fd: int | None = None
 
     @classmethod
     async def open(cls, path: str, on_commit: Callable[[list[Event]], None]) -> Store:
@@ -144,9 +147,15 @@ class Store:
         rather than silently starting over with an empty one."""
         store = cls(path, on_commit)
         try:
+            store.lock_fd = _lock_for_this_process(path)
+        except BaseException:
+            store.readers.shutdown()
+            raise
+        try:
             store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
             store.readers.shutdown()
+            os.close(store.lock_fd)  # type: ignore[arg-type]  # set just above
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, name="store-write",
                                         daemon=True)
@@ -179,6 +188,9 @@ class Store:
             self.jobs.put(None)
             await self.loop.run_in_executor(None, self.writer.join)
             self.writer = None
+        if self.lock_fd is not None:  # after every connection: see _lock_for_this_process
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     # -- writes: one thread, group commit -----------------------------------------------
     async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -353,6 +365,32 @@ class Store:
         newest event id of the whole log at that moment."""
         return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
                                                              (tenant_name, after_id, limit)))
+
+
+def _lock_for_this_process(path: str) -> int:
+    """Take an exclusive flock on the database file itself, held until the process exits
+    (or the Store closes): a second broker on the same file would not hear the first one's
+    inserts, so it is refused. The kernel drops the lock when the process dies, so a crash
+    never blocks the restart. SQLite locks with POSIX fcntl locks, which on Linux are
+    independent of flock, so readers beside the server (sqlite3, a backup) are not blocked.
+    The descriptor stays open while SQLite's connections are: closing any descriptor of the
+    file would drop this process's fcntl locks (a POSIX rule)."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:  # a read-only file: flock works on any descriptor
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot open database {path!r}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"database {path!r} is in use by another broker process. One process owns a "
+            "SQLite file; to run several processes, use PostgreSQL: --db postgresql://...") \
+            from None
+    return fd
 
 
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
