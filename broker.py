@@ -508,6 +508,14 @@ class Auth:
         self.users[user.username] = user
         self.basic_verified.pop(user.username, None)
 
+    def forget(self, username: str) -> None:
+        """Drop everything cached about a user (changed by another process)."""
+        self.users.pop(username, None)
+        self.basic_verified.pop(username, None)
+        for token in [t for t, claims in self.verified_tokens.items()
+                      if claims.get("sub") == username]:
+            del self.verified_tokens[token]
+
     # -- passwords --------------------------------------------------------------------
     async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
         if self.queued_hashes >= self.MAX_QUEUED_HASHES:
@@ -735,6 +743,18 @@ def label(value: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+async def open_store(db: str, on_commit: Callable[[list[Event]], None],
+                     on_account_change: Callable[[str | None], Awaitable[None]]) -> Store:
+    """SQLite for a path; PostgreSQL for a postgresql:// URL (imported only then)."""
+    if not is_postgres_url(db):
+        return await Store.open(db, on_commit)
+    try:
+        from pgstore import PgStore
+    except ImportError:
+        raise SystemExit("--db postgresql://... needs asyncpg: pip install 'broker[postgres]'")
+    return await PgStore.open(db, on_commit, on_account_change)  # type: ignore[return-value]
+
+
 def user_object(user: User) -> dict[str, Any]:
     return {"id": user.id, "password": "***", "revoked": user.revoked,
             "tenant_name": user.tenant_name, "username": user.username, "email": user.email,
@@ -770,7 +790,7 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await Store.open(self.config.db, self.hub.publish)
+        self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
         self.hub.published_upto = await self.store.newest_event_id()
         secret = self.config.jwt_secret
         if not secret:
@@ -784,6 +804,22 @@ class App:
                         DEFAULT_ADMIN_TOKEN)
             log.warning("!!  Set --admin_token or BROKER_ADMIN_TOKEN before going public.")
             log.warning("!" * 72)
+
+    async def account_changed(self, username: str | None) -> None:
+        """Another process (or this one) changed an account, on PostgreSQL; None: changes
+        may have been missed, so every account known here. Drop what is cached about it,
+        re-read it, and close the streams that the local path would have closed."""
+        names = [username] if username else list({*self.auth.users, *self.hub.by_user})
+        for name in names:
+            before = self.auth.users.get(name)
+            self.auth.forget(name)
+            user = await self.store.get_user(name)
+            if user is not None:
+                self.auth.remember(user)
+            for conn in list(self.hub.by_user.get(name, ())):
+                if user is None or user.revoked or conn.tenant != user.tenant_name or (
+                        before is not None and before.password_hash != user.password_hash):
+                    conn.end_stream()
 
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)

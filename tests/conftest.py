@@ -1,4 +1,5 @@
-"""Test harness: a real broker process on a loopback port, with a real SQLite file.
+"""Test harness: a real broker process on a loopback port, with a real SQLite file, or a
+database of a throwaway PostgreSQL cluster that the tests start themselves (`postgres`).
 
 Nothing here is mocked. `server` starts `python -m broker` on port 0, reads the port it
 chose from its log, and speaks HTTP to it over real sockets. `SSE` is a tiny raw-socket
@@ -8,17 +9,23 @@ bytes the server wrote.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import http.client
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +51,7 @@ class Server:
 
     tmp: Path
     extra_args: list[str] = field(default_factory=list)
-    db: Path = None  # type: ignore[assignment]
+    db: Path = None  # type: ignore[assignment]  # or a postgresql:// URL (a str)
     port: int = 0
     proc: subprocess.Popen | None = None
     log_lines: list[str] = field(default_factory=list)
@@ -278,20 +285,136 @@ def parse_frame(raw: bytes) -> Frame:
     return Frame(int(ident) if ident else None, fields.get("event"), fields.get("data"), raw)
 
 
+# -- PostgreSQL: a throwaway cluster for the session, a fresh database per test ------------
+
+# Test modules whose `server` runs on both engines (the others run on SQLite only).
+BOTH_ENGINES = {"test_api", "test_stream", "test_stream_accounts"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL server binaries (Debian's layout)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                   else 0)
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A PostgreSQL cluster in a temporary directory on a free port. initdb and pg_ctl run
+    as the `postgres` user when we are root (PostgreSQL refuses to run as root)."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="broker-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.dir, account.pw_uid, account.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bindir / tool), *args], check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        # fsync off: the tests kill brokers, never the machine; 200 connections for
+        # several brokers with their pools at once.
+        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w",
+                  "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def execute(self, sql: str, database: str = "postgres") -> None:
+        import asyncpg
+
+        async def run() -> None:
+            conn = await asyncpg.connect(self.url(database))
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+        asyncio.run(run())
+
+    def new_database(self) -> str:
+        name = "t" + uuid.uuid4().hex[:12]
+        self.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    bindir = postgres_bin()
+    if bindir is None:
+        message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI must run the PostgreSQL tests")
+        pytest.skip(message)
+    cluster = Postgres(bindir)
+    yield cluster
+    cluster.remove()
+
+
+def pytest_generate_tests(metafunc):
+    if "engine" in metafunc.fixturenames and metafunc.module.__name__ in BOTH_ENGINES:
+        metafunc.parametrize("engine", ENGINES, indirect=True)
+
+
 @pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path).start()
+def engine(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+ENGINES = ["sqlite", "postgres"]
+
+
+def database_for(request, engine: str, tmp: Path) -> Path | str:
+    """A SQLite path in `tmp`, or the URL of a fresh PostgreSQL database."""
+    if engine == "postgres":
+        return request.getfixturevalue("postgres").new_database()
+    return tmp / "broker.db"
+
+
+@pytest.fixture
+def database(engine, request, tmp_path):
+    return database_for(request, engine, tmp_path)
+
+
+@pytest.fixture
+def server(tmp_path, database):
+    srv = Server(tmp_path, db=database).start()
     yield srv
     srv.kill()
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(tmp_path, database):
     """A factory for servers with extra command-line arguments."""
     started: list[Server] = []
 
-    def make(*args: str, db: Path | None = None) -> Server:
-        srv = Server(tmp_path, list(args), db=db).start()
+    def make(*args: str, db: Path | str | None = None) -> Server:
+        srv = Server(tmp_path, list(args), db=db or database).start()
         started.append(srv)
         return srv
 

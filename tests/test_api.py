@@ -20,7 +20,7 @@ from api_support import (
     head_raw,
     unique,
 )
-from conftest import ADMIN, Server, basic, bearer
+from conftest import ADMIN, ENGINES, Server, basic, bearer, database_for
 
 PASSWORD = "correct horse 1"
 ROUTES = ["/", "/create_user", "/login", "/sse", "/insert", "/verify", "/revoke_user",
@@ -28,9 +28,10 @@ ROUTES = ["/", "/create_user", "/login", "/sse", "/insert", "/verify", "/revoke_
 USER_KEYS = {"id", "password", "revoked", "tenant_name", "username", "email", "scopes", "data"}
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory) -> Server:
-    srv = Server(tmp_path_factory.mktemp("api")).start()
+@pytest.fixture(scope="module", params=ENGINES)
+def api(request, tmp_path_factory) -> Server:
+    tmp = tmp_path_factory.mktemp("api")
+    srv = Server(tmp, db=database_for(request, request.param, tmp)).start()
     yield srv
     srv.kill()
 
