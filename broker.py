@@ -27,6 +27,7 @@ import resource
 import secrets
 import signal
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -744,7 +745,8 @@ def label(value: str) -> str:
 
 
 async def open_store(db: str, on_commit: Callable[[list[Event]], None],
-                     on_account_change: Callable[[str | None], Awaitable[None]]) -> Store:
+                     on_account_change: Callable[[str | None], Awaitable[None]] | None = None
+                     ) -> Store:
     """SQLite for a path; PostgreSQL for a postgresql:// URL (imported only then)."""
     if not is_postgres_url(db):
         return await Store.open(db, on_commit)
@@ -1394,6 +1396,12 @@ def raise_open_file_limit(wanted: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and not args[0].startswith("-"):  # `broker TOOL ...`: see tools.py
+        import tools
+        if args[0] in tools.TOOLS:
+            logging.basicConfig(level="WARNING", format="%(levelname)s %(message)s")
+            raise SystemExit(tools.run(args[0], args[1:]))
     config = parse_args(argv)
     setup_logging(config)
     raise_open_file_limit(config.max_connections + 64)  # + the database, logs, listeners

@@ -35,12 +35,22 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
-from store import MAX_BATCH, UPDATABLE, Event, StoreError, User, UsernameTaken, _column_value
+from store import (
+    EXPORT_PAGE,
+    MAX_BATCH,
+    TABLES,
+    UPDATABLE,
+    Event,
+    StoreError,
+    User,
+    UsernameTaken,
+    _column_value,
+)
 
 log = logging.getLogger("broker.pgstore")
 
@@ -385,6 +395,43 @@ class PgStore:
         newest event id of the whole log at that moment."""
         return await self._run(lambda conn: _with_newest_id(conn, EVENTS_AFTER, tenant_name,
                                                             after_id, limit))
+
+    # -- whole-database copies (broker migrate) -----------------------------------------
+    async def table_counts(self) -> dict[str, int]:
+        async def run(conn: asyncpg.Connection) -> dict[str, int]:
+            return {table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+                    for table in TABLES}
+        return await self._run(run)
+
+    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
+        """Every row of every table as (table, rows) pages, columns as in store.TABLES;
+        users in creation order, events in id order."""
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = "seq" if table == "users" else "1, 2"
+                rows = await self._run(lambda conn, q=f"SELECT {columns} FROM {table} "
+                                       f"ORDER BY {order}": conn.fetch(q))
+                yield table, [tuple(row) for row in rows]
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+            while page := await self._run(lambda conn, q=query, a=after: conn.fetch(
+                    q, a, EXPORT_PAGE)):
+                yield table, [tuple(row) for row in page]
+                after = page[-1][0]
+
+    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+        """Insert export_tables' pages (of any engine) into this empty database in one
+        transaction, ids kept; the id sequence restarts above the largest."""
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                async for table, rows in pages:
+                    if table == "users":
+                        rows = [(*row[:3], bool(row[3]), *row[4:]) for row in rows]
+                    await conn.copy_records_to_table(table, records=rows,
+                                                     columns=TABLES[table].split(", "))
+                await conn.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), "
+                                   "coalesce(max(id), 0) + 1, false) FROM events")
+        await self._run(run)
 
 
 async def _with_newest_id(conn: asyncpg.Connection, query: str,

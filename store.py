@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +64,15 @@ USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
 MAX_BATCH = 512  # requests sharing one transaction at most
+# Every table and its columns, in the order `broker migrate` copies them from one engine to
+# another (export_tables / import_tables); a new table or column must be added here.
+TABLES = {
+    "users": USER_COLUMNS,
+    "events": "id, tenant_name, event, data, timestamp",
+    "latest": "tenant_name, event, event_id",
+    "settings": "key, value",
+}
+EXPORT_PAGE = 5000  # events per page of a copy
 
 
 class StoreError(Exception):
@@ -366,6 +375,40 @@ class Store:
         return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
                                                              (tenant_name, after_id, limit)))
 
+    # -- whole-database copies (broker migrate) -----------------------------------------
+    async def table_counts(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in TABLES}
+        return await self._read(run)
+
+    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
+        """Every row of every table as (table, rows) pages, columns as in TABLES; users in
+        creation order, events in id order."""
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = "rowid" if table == "users" else "1, 2"
+                query = f"SELECT {columns} FROM {table} ORDER BY {order}"
+                yield table, await self._read(lambda conn, q=query: conn.execute(q).fetchall())
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+            while page := await self._read(lambda conn, q=query, a=after: conn.execute(
+                    q, (a, EXPORT_PAGE)).fetchall()):
+                yield table, page
+                after = page[-1][0]
+
+    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+        """Insert export_tables' pages (of any engine) into this empty database, ids kept:
+        new events get ids above them (a rowid continues from the largest)."""
+        async for table, rows in pages:
+            if not rows:
+                continue
+            if table == "users":
+                rows = [(*row[:3], int(row[3]), *row[4:]) for row in rows]
+            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
+                        f"({', '.join('?' * len(rows[0]))})"
+            await self._write(lambda conn, s=statement, r=rows: conn.executemany(s, r).rowcount)
+
 
 def _lock_for_this_process(path: str) -> int:
     """Take an exclusive flock on the database file itself, held until the process exits
@@ -391,7 +434,6 @@ def _lock_for_this_process(path: str) -> int:
             "SQLite file; to run several processes, use PostgreSQL: --db postgresql://...") \
             from None
     return fd
-
 
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 LATEST_OF_TENANT = """
