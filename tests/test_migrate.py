@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ADMIN, ROOT, Postgres, Server
+from conftest import ADMIN, ROOT, Server
+from pg_cluster import Postgres
 from stream_support import open_resume, unique
 
 PASSWORD = "correct horse 1"

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SSE, Postgres, Server, basic, bearer
+from conftest import SSE, Server, basic, bearer
+from pg_cluster import Postgres
 from stream_support import (
     admin,
     eventually,
