@@ -101,24 +101,36 @@ USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes
                "tokens_valid_after"
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
+# A batch transaction, in three round trips: begin and take the commit-order lock; insert
+# (returning the ids and `prior`, the newest id committed before this batch: the statement's
+# snapshot is taken after the lock was granted); update `latest` and notify.
+BEGIN_IN_COMMIT_ORDER = f"BEGIN; SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK})"
 INSERT_EVENTS = """
+    WITH prior AS (SELECT coalesce(max(id), 0) AS id FROM events)
     INSERT INTO events (tenant_name, event, data, timestamp)
     SELECT t, e, d, $4 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
         AS batch(t, e, d, n)
     ORDER BY n
-    RETURNING id"""
-UPSERT_LATEST = """
-    INSERT INTO latest (tenant_name, event, event_id)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
-    ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id"""
+    RETURNING id, (SELECT id FROM prior)"""
+UPSERT_LATEST_AND_NOTIFY = """
+    WITH upsert AS (
+        INSERT INTO latest (tenant_name, event, event_id)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+        ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id)
+    SELECT pg_notify($4, $5)"""
 EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+# Sync reads: the events and the newest id of the whole log in ONE statement, so in one
+# snapshot and one round trip (one row of NULL events when there are none).
 LATEST_OF_TENANT = """
-    SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
-    FROM latest l JOIN events e ON e.id = l.event_id
-    WHERE l.tenant_name = $1 ORDER BY e.id"""
+    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
+        SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
+        FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1) e ON true
+    ORDER BY e.id"""
 EVENTS_AFTER = f"""
-    SELECT {EVENT_COLUMNS} FROM events
-    WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3"""
+    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
+        SELECT {EVENT_COLUMNS} FROM events
+        WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON true
+    ORDER BY e.id"""
 
 AccountHook = Callable[[str | None], Awaitable[None]]
 
@@ -166,6 +178,7 @@ class PgStore:
         store = cls(url, on_commit, on_account_change)
         try:
             store.pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE,
+                                                   reset=_reset,
                                                    timeout=TIMEOUT, command_timeout=TIMEOUT)
             async with store.pool.acquire() as conn, conn.transaction():
                 # Several processes may start at once; CREATE ... IF NOT EXISTS alone can
@@ -268,35 +281,46 @@ class PgStore:
             if not self.queued:
                 self.queued_event.clear()
             try:
-                events = await self._run(functools.partial(self._commit, batch=batch))
+                events, prior = await self._run(functools.partial(self._commit, batch=batch))
             except StoreError as exc:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(StoreError(str(exc)))
                 continue
             # Answered once published, without holding up the next batch.
-            answer = asyncio.ensure_future(self._answer(batch, events))
+            answer = asyncio.ensure_future(self._answer(batch, events, prior))
             self.answering.add(answer)
             answer.add_done_callback(self.answering.discard)
 
-    async def _commit(self, conn: asyncpg.Connection, batch: list[_Insert]) -> list[Event]:
+    async def _commit(self, conn: asyncpg.Connection,
+                      batch: list[_Insert]) -> tuple[list[Event], int]:
+        """One transaction for the batch; returns its events and `prior`."""
         stamp = int(time.time())
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
+        await conn.execute(BEGIN_IN_COMMIT_ORDER)
+        try:
             rows = await conn.fetch(INSERT_EVENTS, [j.tenant_name for j in batch],
                                     [j.event for j in batch], [j.data for j in batch], stamp)
             ids = sorted(row[0] for row in rows)  # drawn in batch order: see ORDER BY n
             events = [Event(event_id, j.tenant_name, j.event, j.data, stamp)
                       for event_id, j in zip(ids, batch)]
             newest = {(e.tenant_name, e.event): e.id for e in events}
-            await conn.execute(UPSERT_LATEST, [k[0] for k in newest], [k[1] for k in newest],
-                               list(newest.values()))
-            await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(ids[-1]))
-        return events
+            await conn.execute(UPSERT_LATEST_AND_NOTIFY, [k[0] for k in newest],
+                               [k[1] for k in newest], list(newest.values()), EVENTS_CHANNEL,
+                               str(ids[-1]))
+            await conn.execute("COMMIT")
+        except BaseException:
+            if not conn.is_closed() and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+            raise
+        return events, rows[0][1]
 
-    async def _answer(self, batch: list[_Insert], events: list[Event]) -> None:
-        self.wake.set()
-        if self.published < events[-1].id:
+    async def _answer(self, batch: list[_Insert], events: list[Event], prior: int) -> None:
+        if self.published >= prior:
+            # Everything committed before this batch is published already: publish it now,
+            # without reading it back (whatever the catch-up published meanwhile is skipped).
+            self._publish([e for e in events if e.id > self.published])
+        elif self.published < events[-1].id:
+            self.wake.set()  # others' events come first: the catch-up reads ours after them
             waiter = self.loop.create_future()
             self.publish_waiters.append((events[-1].id, waiter))
             try:
@@ -326,22 +350,25 @@ class PgStore:
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         while True:
             rows = await conn.fetch(EVENTS_SINCE, self.published, CATCH_UP_PAGE)
-            if not rows:
-                return
-            events = [Event(*row) for row in rows]
-            self.published = events[-1].id
-            try:
-                self.on_commit(events)
-            except Exception:  # keep delivering
-                log.exception("publishing committed events failed")
-            done = [(i, w) for i, w in self.publish_waiters if i <= self.published]
-            self.publish_waiters = [(i, w) for i, w in self.publish_waiters
-                                    if i > self.published]
-            for _, waiter in done:
-                if not waiter.done():
-                    waiter.set_result(None)
+            # An own batch may have been published while this read was under way.
+            self._publish([Event(*row) for row in rows if row[0] > self.published])
             if len(rows) < CATCH_UP_PAGE:
                 return
+
+    def _publish(self, events: list[Event]) -> None:
+        """Hand events to on_commit: always the next ones after `published`, in id order."""
+        if not events:
+            return
+        self.published = events[-1].id
+        try:
+            self.on_commit(events)
+        except Exception:  # keep delivering
+            log.exception("publishing committed events failed")
+        done = [(i, w) for i, w in self.publish_waiters if i <= self.published]
+        self.publish_waiters = [(i, w) for i, w in self.publish_waiters if i > self.published]
+        for _, waiter in done:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _listen_loop(self) -> None:
         """Keep one connection LISTENing; reconnect when it drops, then recover."""
@@ -436,7 +463,13 @@ class PgStore:
 
 async def _with_newest_id(conn: asyncpg.Connection, query: str,
                           *args: Any) -> tuple[list[Event], int]:
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(query, *args)
-        newest = await conn.fetchval(NEWEST_ID)
-    return [Event(*row) for row in rows], newest
+    rows = await conn.fetch(query, *args)
+    return [Event(*row[1:]) for row in rows if row[1] is not None], rows[0][0]
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Between two uses of a pooled connection. Nothing of ours outlives a transaction (no
+    LISTEN, only transaction-level advisory locks), so asyncpg's default reset, a round trip
+    each time, is not needed: only a transaction left open is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
