@@ -101,23 +101,25 @@ USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes
                "tokens_valid_after"
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
-# A batch transaction, in three round trips: begin and take the commit-order lock; insert
-# (returning the ids and `prior`, the newest id committed before this batch: the statement's
-# snapshot is taken after the lock was granted); update `latest` and notify.
+# A batch transaction in three round trips: begin and take the commit-order lock; one
+# statement that inserts the events, updates `latest` and notifies; commit. It returns the ids
+# and `prior`, the newest id committed before this batch (the statement's snapshot is taken
+# after the lock was granted, so it sees every earlier batch).
 BEGIN_IN_COMMIT_ORDER = f"BEGIN; SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK})"
 INSERT_EVENTS = """
-    WITH prior AS (SELECT coalesce(max(id), 0) AS id FROM events)
-    INSERT INTO events (tenant_name, event, data, timestamp)
-    SELECT t, e, d, $4 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
-        AS batch(t, e, d, n)
-    ORDER BY n
-    RETURNING id, (SELECT id FROM prior)"""
-UPSERT_LATEST_AND_NOTIFY = """
-    WITH upsert AS (
+    WITH prior AS (SELECT coalesce(max(id), 0) AS id FROM events),
+    inserted AS (
+        INSERT INTO events (tenant_name, event, data, timestamp)
+        SELECT t, e, d, $4 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+            AS batch(t, e, d, n)
+        ORDER BY n
+        RETURNING id, tenant_name, event),
+    upsert AS (
         INSERT INTO latest (tenant_name, event, event_id)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+        SELECT DISTINCT ON (tenant_name, event) tenant_name, event, id FROM inserted
+        ORDER BY tenant_name, event, id DESC
         ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id)
-    SELECT pg_notify($4, $5)"""
+    SELECT id, (SELECT id FROM prior), (SELECT pg_notify($5, '')) FROM inserted"""
 EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # Sync reads: the events and the newest id of the whole log in ONE statement, so in one
 # snapshot and one round trip (one row of NULL events when there are none).
@@ -299,19 +301,16 @@ class PgStore:
         await conn.execute(BEGIN_IN_COMMIT_ORDER)
         try:
             rows = await conn.fetch(INSERT_EVENTS, [j.tenant_name for j in batch],
-                                    [j.event for j in batch], [j.data for j in batch], stamp)
-            ids = sorted(row[0] for row in rows)  # drawn in batch order: see ORDER BY n
-            events = [Event(event_id, j.tenant_name, j.event, j.data, stamp)
-                      for event_id, j in zip(ids, batch)]
-            newest = {(e.tenant_name, e.event): e.id for e in events}
-            await conn.execute(UPSERT_LATEST_AND_NOTIFY, [k[0] for k in newest],
-                               [k[1] for k in newest], list(newest.values()), EVENTS_CHANNEL,
-                               str(ids[-1]))
+                                    [j.event for j in batch], [j.data for j in batch], stamp,
+                                    EVENTS_CHANNEL)
             await conn.execute("COMMIT")
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
             raise
+        ids = sorted(row[0] for row in rows)  # drawn in batch order: see ORDER BY n
+        events = [Event(event_id, j.tenant_name, j.event, j.data, stamp)
+                  for event_id, j in zip(ids, batch)]
         return events, rows[0][1]
 
     async def _answer(self, batch: list[_Insert], events: list[Event], prior: int) -> None:
