@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -289,8 +290,12 @@ BOTH_ENGINES = {"test_api", "test_stream", "test_stream_accounts"}
 @pytest.fixture(scope="session")
 def postgres():
     bindir = postgres_bin()
+    message = ""
     if bindir is None:
         message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+    elif importlib.util.find_spec("asyncpg") is None:
+        message = "asyncpg is not installed (pip install '.[test,postgres]')"
+    if message:
         if os.environ.get("CI") == "true":
             pytest.fail(message + "; CI must run the PostgreSQL tests")
         pytest.skip(message)

@@ -376,6 +376,8 @@ def test_several_processes_on_postgresql_behind_nginx(tmp_path, proxies, postgre
     brokers = [Server(tmp_path, db=url).start() for _ in range(3)]  # type: ignore[arg-type]
     try:
         upstream = SCALING.read_text()
+        assert upstream.strip() in (DOCS / "scaling.md").read_text(), \
+            "docs/scaling.md must show nginx-scaling.conf as is"
         for documented, broker in zip(("8081", "8082", "8083"), brokers):
             upstream = substitute(upstream, f"127.0.0.1:{documented};",
                                   f"127.0.0.1:{broker.port};")
