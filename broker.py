@@ -471,8 +471,9 @@ class Throttle:
 
 
 class Auth:
-    """Users (cached: this process is the database's only writer), password hashing in a
-    bounded pool, JWTs, and a cache of verified Basic credentials."""
+    """Users (cached: this process is the database's only writer, or on PostgreSQL is told
+    of every account change, see App.account_changed), password hashing in a bounded pool,
+    JWTs, and a cache of verified Basic credentials."""
 
     MAX_QUEUED_HASHES = 64
     MAX_CACHED_TOKENS = 10_000
