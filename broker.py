@@ -16,6 +16,7 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -81,6 +82,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("enforce_scopes", bool, False,
+     "let users insert and receive only the events their scopes grant (NAME:post, NAME:get)"),
     ("reuse_port", bool, False,
      "share the port with other broker processes (SO_REUSEPORT; PostgreSQL only)"),
 ]
@@ -151,7 +154,8 @@ def setup_logging(config: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
@@ -297,9 +301,49 @@ def event_name_field(body: dict[str, Any]) -> str:
     return text_field(body, "event", max_len=256)
 
 
+# -- scopes: which events a user may insert and receive (with --enforce_scopes) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class EventNames:
+    """The event names that some scope patterns grant: exact names, and literal prefixes
+    (the pattern `chat.*` is the prefix "chat.", and `*` the prefix "", which every name
+    has). Compared by value: subscribers with equal EventNames share one fan-out group."""
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    def __call__(self, name: str) -> bool:
+        return name in self.exact or name.startswith(self.prefixes)
+
+
+def event_names(patterns: list[str]) -> EventNames:
+    # Normalized, so that equal grants compare equal (`*` with `news` is just `*`).
+    stems = {p[:-1] for p in patterns if p.endswith("*")}
+    prefixes = tuple(sorted(p for p in stems if not any(p != q and p.startswith(q)
+                                                         for q in stems)))
+    exact = frozenset(p for p in patterns if not p.endswith("*") and not p.startswith(prefixes))
+    return EventNames(exact, prefixes)
+
+
+@functools.lru_cache(maxsize=4096)
+def grants(scopes: tuple[str, ...]) -> tuple[EventNames, EventNames]:
+    """The names these scopes may get (`NAME:get`) and post (`NAME:post`). Other scopes
+    stay on the user and in its JWT, and grant nothing here."""
+    patterns: dict[str, list[str]] = {"get": [], "post": []}
+    for scope in scopes:
+        name, _, action = scope.rpartition(":")
+        if name and action in patterns:
+            patterns[action].append(name)
+    return event_names(patterns["get"]), event_names(patterns["post"])
+
+
 # ---------------------------------------------------------------------------------------
 # Fan-out: who listens to which tenant. Each committed event is encoded once, and the
 # same bytes go to every subscriber of its tenant with one transport.write each.
+# With --enforce_scopes, a tenant's subscribers are grouped by what they may read: each
+# group gets the frames it may read, with no check per subscriber. Without, a tenant is
+# one group.
 # ---------------------------------------------------------------------------------------
 
 
@@ -357,7 +401,8 @@ class Tenant:
 
 class Hub:
     def __init__(self, published_upto: int = 0) -> None:
-        self.tenants: dict[str, Tenant] = {}
+        # Tenant name -> what its subscribers may read (Connection.reads) -> their group.
+        self.tenants: dict[str, dict[EventNames | None, Tenant]] = {}
         self.by_user: dict[str, set[Connection]] = {}
         # The newest event id handed to publish(). A backlog read can see a commit a moment
         # before it is published; such a subscriber waits here (id it has been sent up to)
@@ -373,28 +418,38 @@ class Hub:
         for event in events:
             by_tenant.setdefault(event.tenant_name, []).append(event)
         for name, batch in by_tenant.items():
-            tenant = self.tenants.get(name)
-            if tenant is None:
+            groups = self.tenants.get(name)
+            if groups is None:
                 continue
-            for held in tenant.syncing.values():
-                held.extend(batch)
-            if tenant.live:
-                written = tenant.write(b"".join(sse_frame(event) for event in batch))
-                self.frames_delivered += written * len(batch)
+            frames = [sse_frame(event) for event in batch]
+            everything = b"".join(frames)
+            # A copy: a write can cut a slow subscriber and so remove its group.
+            for reads, group in tuple(groups.items()):
+                for held in group.syncing.values():
+                    held.extend(batch)  # Connection.send_events filters them
+                if not group.live:
+                    continue
+                payload, count = (everything, len(batch)) if reads is None else \
+                    readable_frames(reads, batch, frames, everything)
+                if count:
+                    self.frames_delivered += group.write(payload) * count
         self.published_upto = events[-1].id
         for conn, sent_upto in list(self.waiting.items()):
             if sent_upto <= self.published_upto:
                 self.go_live(conn, sent_upto)
 
+    def group_of(self, conn: Connection) -> Tenant | None:
+        return self.tenants.get(conn.tenant, {}).get(conn.reads)
+
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
-        tenant = self.tenants.setdefault(conn.tenant, Tenant())
-        tenant.syncing[conn] = []
+        groups = self.tenants.setdefault(conn.tenant, {})
+        groups.setdefault(conn.reads, Tenant()).syncing[conn] = []
         self.by_user.setdefault(conn.username, set()).add(conn)
 
     def go_live(self, conn: Connection, sent_upto: int) -> None:
         """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is None or conn not in tenant.syncing:
             return  # it went away meanwhile
         if sent_upto > self.published_upto:
@@ -408,11 +463,14 @@ class Hub:
 
     def leave(self, conn: Connection) -> None:
         self.waiting.pop(conn, None)
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is not None:
             tenant.remove(conn)
             if not tenant.live and not tenant.syncing:
-                del self.tenants[conn.tenant]
+                groups = self.tenants[conn.tenant]
+                del groups[conn.reads]
+                if not groups:
+                    del self.tenants[conn.tenant]
         users = self.by_user.get(conn.username)
         if users is not None:
             users.discard(conn)
@@ -429,12 +487,23 @@ class Hub:
                 conn.end_stream()
 
     def heartbeat(self) -> None:
-        # A copy: a write can cut a slow subscriber and so remove its tenant.
-        for tenant in list(self.tenants.values()):
+        # A copy: a write can cut a slow subscriber and so remove its group.
+        for tenant in [g for groups in self.tenants.values() for g in groups.values()]:
             tenant.write(HEARTBEAT, framed=HEARTBEAT_CHUNK)
 
-    def count(self) -> int:
-        return sum(len(t.live) + len(t.syncing) for t in self.tenants.values())
+    def count(self, tenant: str | None = None) -> int:
+        """Subscribers of one tenant, or of all."""
+        chosen = [self.tenants.get(tenant, {})] if tenant else self.tenants.values()
+        return sum(len(g.live) + len(g.syncing) for groups in chosen for g in groups.values())
+
+
+def readable_frames(reads: EventNames, batch: list[Event], frames: list[bytes],
+                    everything: bytes) -> tuple[bytes, int]:
+    """The frames of the batch whose events `reads` allows, joined, and how many."""
+    chosen = [frame for event, frame in zip(batch, frames) if reads(event.event)]
+    if len(chosen) == len(frames):
+        return everything, len(frames)
+    return b"".join(chosen), len(chosen)
 
 
 # ---------------------------------------------------------------------------------------
@@ -715,7 +784,7 @@ class Metrics:
             f"broker_sse_tenants {len(tenants)}",
             "# TYPE broker_sse_tenant_subscribers gauge",
             *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} '
-              f"{len(t.live) + len(t.syncing)}" for name, t in sorted(tenants.items())),
+              f"{app.hub.count(name)}" for name in sorted(tenants)),
             "# TYPE broker_events_inserted_total counter",
             f"broker_events_inserted_total {self.events_inserted}",
             "# TYPE broker_frames_delivered_total counter",
@@ -819,9 +888,11 @@ class App:
             user = await self.store.get_user(name)
             if user is not None:
                 self.auth.remember(user)
+            rescoped = self.config.enforce_scopes and before is not None and \
+                user is not None and before.scopes != user.scopes
             for conn in list(self.hub.by_user.get(name, ())):
-                if user is None or user.revoked or conn.tenant != user.tenant_name or (
-                        before is not None and before.password_hash != user.password_hash):
+                if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
+                        or (before is not None and before.password_hash != user.password_hash):
                     conn.end_stream()
 
     async def dispatch(self, req: Request) -> Response:
@@ -883,6 +954,8 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
+            raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
         event = await self.store.insert_event(user.tenant_name, name, data)
         self.metrics.observe_insert(time.perf_counter() - started)
@@ -988,7 +1061,9 @@ class App:
             changes["tokens_valid_after"] = int(time.time()) + 1
         before = await self.auth.user(username)
         user = await self._change_user(username, changes)
-        if password is not None or (before and before.tenant_name != user.tenant_name):
+        rescoped = self.config.enforce_scopes and before and before.scopes != user.scopes
+        if password is not None or (before and before.tenant_name != user.tenant_name) \
+                or rescoped:
             self.hub.close_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
@@ -1012,7 +1087,7 @@ def last_event_id(req: Request) -> int | None:
 class Connection(asyncio.Protocol):
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
-                 "request", "started", "tenant", "timer", "transport", "username",
+                 "reads", "request", "started", "tenant", "timer", "transport", "username",
                  "write_paused")
 
     def __init__(self, app: App) -> None:
@@ -1029,6 +1104,7 @@ class Connection(asyncio.Protocol):
         self.chunked = True
         self.username = ""
         self.tenant = ""
+        self.reads: EventNames | None = None  # what a stream may receive; None: everything
         self.drain_waiter: asyncio.Future | None = None
         self.write_paused = False
         self.started = 0.0
@@ -1073,7 +1149,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        tenant = self.app.hub.tenants.get(self.tenant) if self.username else None
+        tenant = self.app.hub.group_of(self) if self.username else None
         if tenant is not None and self in tenant.live:
             self.app.hub.slow_consumers_cut += 1
             log.warning("cut off slow subscriber %s (%s): over %d unsent bytes",
@@ -1288,10 +1364,14 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()  # to notice the client hanging up
         self.username = user.username
         self.tenant = user.tenant_name
+        self.reads = grants(tuple(user.scopes))[0] if self.app.config.enforce_scopes else None
 
     def send_events(self, events: list[Event]) -> None:
+        """Send those of the events this stream may read (sync, replay, held while syncing)."""
         if self.transport.is_closing():
             return  # the subscriber left; uvloop raises on a write to a closed transport
+        if self.reads is not None:
+            events = [event for event in events if self.reads(event.event)]
         payload = b"".join(sse_frame(event) for event in events)
         if payload:
             self.transport.write(chunk(payload) if self.chunked else payload)

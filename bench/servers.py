@@ -207,13 +207,16 @@ class Broker(Server):
                 # with worker_connections); flags in --broker-args come later and win.
                 "--max_connections", "19000", *self.extra_args]
 
-    def new_user(self) -> tuple[str, str]:
-        """A user in a tenant of its own; returns (username, jwt)."""
-        self.tenants += 1
+    def new_user(self, tenant: str | None = None,
+                 scopes: list[str] | None = None) -> tuple[str, str]:
+        """A user, by default in a tenant of its own; returns (username, jwt)."""
+        if tenant is None:
+            self.tenants += 1
+            tenant = f"bench_tenant_{self.tenants}"
         username = f"bench{self.tenants}_{secrets.token_hex(4)}"
         status, body = self.post_json("/create_user", {
             "username": username, "password": self.password, "admin_token": self.admin_token,
-            "tenant_name": f"bench_tenant_{self.tenants}", "scopes": []})
+            "tenant_name": tenant, "scopes": scopes or []})
         if status != 200:
             raise RuntimeError(f"create_user: {status} {body!r}")
         status, body = self.post_json("/login", {"username": username,
@@ -227,6 +230,18 @@ class Broker(Server):
         bearer = ("Authorization", f"Bearer {jwt}")
         pub = basic_header(username, self.password) if auth == "basic" else bearer
         return Channel(HOST, self.port, "/sse", (bearer,), "/insert", (pub,), True)
+
+
+    def scoped_channels(self, groups: list[list[str]]) -> tuple[Channel, tuple[Channel, ...]]:
+        """One fresh tenant with a publisher that may post every event, and one subscriber
+        user per scope list: (the publisher's channel, a channel per subscriber user)."""
+        self.tenants += 1
+        tenant = f"bench_tenant_{self.tenants}"
+        bearer = ("Authorization", f"Bearer {self.new_user(tenant, ['*:post'])[1]}")
+        publisher = Channel(HOST, self.port, "/sse", (bearer,), "/insert", (bearer,), True)
+        return publisher, tuple(
+            Channel(HOST, self.port, "/sse", (("Authorization", f"Bearer {jwt}"),))
+            for _, jwt in (self.new_user(tenant, scopes) for scopes in groups))
 
 
 class BrokerPg(Broker):

@@ -248,3 +248,21 @@ def test_processes_started_at_once_share_one_jwt_secret(tmp_path, postgres: Post
     finally:
         first.kill()
         second.kill()
+
+
+def test_a_scope_change_on_one_process_closes_streams_on_another(tmp_path,
+                                                                  postgres: Postgres) -> None:
+    a, b = start_brokers(tmp_path, postgres.new_database(), 2, "--enforce_scopes")
+    try:
+        name = unique("scoped")
+        auth = a.user(name, tenant=unique("scoped"), scopes=["news:get", "news:post"])
+        stream = b.sse(auth)
+        warm = b.insert(auth, "news", 1).json()["id"]
+        assert stream.next().id == warm
+        assert admin(a, "/update_user", username=name, scopes=["news:get"]).status == 200
+        assert wait_until_closed(stream, timeout=1.0) is not None, "stream kept its old scopes"
+        stream.close()
+        assert eventually(lambda: b.insert(auth, "news", 2).status == 403, 1.0)
+    finally:
+        a.kill()
+        b.kill()
