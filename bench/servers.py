@@ -365,7 +365,8 @@ def nginx_version() -> str:
     return match.group(1) if match else out.strip()
 
 
-ALL_SERVERS = ["broker", "broker-asyncio", "broker-pg", "broker-pg2", "starlette", "nchan"]
+ALL_SERVERS = ["broker", "broker-asyncio", "starlette", "nchan"]
+PG_SERVERS = ["broker-pg", "broker-pg2"]  # on request only (--servers): docs/scaling.md
 
 
 def server_factories(names: list[str], nchan_workers: int = 0,
