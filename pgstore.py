@@ -45,6 +45,7 @@ from store import (
     MAX_BATCH,
     TABLES,
     UPDATABLE,
+    USER_COLUMNS,
     Event,
     StoreError,
     User,
@@ -97,8 +98,6 @@ TIMEOUT = 10.0  # seconds for a connection or a statement
 # What a database that is down, restarting or unreachable raises.
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
-USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes, data, " \
-               "tokens_valid_after"
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
 # A batch transaction in three round trips: begin and take the commit-order lock; one
@@ -229,12 +228,14 @@ class PgStore:
 
     # -- users --------------------------------------------------------------------------
     async def create_user(self, user: User) -> None:
-        values = [_column_value(c, getattr(user, c)) for c in UPDATABLE]
-        values[UPDATABLE.index("revoked")] = user.revoked
+        values = [user.id, user.username, *(_column_value(c, getattr(user, c))
+                                            for c in UPDATABLE)]
+        values[2 + UPDATABLE.index("revoked")] = user.revoked  # a boolean column here
+        marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
         try:
             await self._run(lambda conn: conn.execute(
-                f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", user.id, user.username, *values))
+                f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) VALUES ({marks})",
+                *values))
         except asyncpg.UniqueViolationError:
             raise UsernameTaken(user.username) from None
 
