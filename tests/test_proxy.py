@@ -388,6 +388,8 @@ def test_several_processes_on_postgresql_behind_nginx(tmp_path, proxies, postgre
                                               proxies))
         auth = via.user("scaled")
         streams = [via.sse(auth) for _ in range(3)]
+        warm = via.insert(auth, "warm", 0).json()["id"]  # each stream has read its sync
+        assert all(stream.next().id == warm for stream in streams)
         ids = [via.insert(auth, "n", n).json()["id"] for n in range(20)]
         for stream in streams:
             assert [stream.next().id for _ in ids] == ids
