@@ -285,10 +285,12 @@ class PgStore:
                 self.queued_event.clear()
             try:
                 events, prior = await self._run(functools.partial(self._commit, batch=batch))
-            except StoreError as exc:
+            except Exception as exc:  # fail this batch, never the writer
+                if not isinstance(exc, StoreError):
+                    log.exception("inserting a batch failed")
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(StoreError(str(exc)))
+                        job.future.set_exception(exc)
                 continue
             # Answered once published, without holding up the next batch.
             answer = asyncio.ensure_future(self._answer(batch, events, prior))
@@ -346,6 +348,9 @@ class PgStore:
             except StoreError as exc:
                 log.warning("cannot read new events (retrying): %s", exc)
                 await asyncio.sleep(0.5)
+            except Exception:  # a bug must not end delivery for good
+                log.exception("reading new events failed (retrying)")
+                await asyncio.sleep(0.5)
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         while True:
@@ -390,6 +395,8 @@ class PgStore:
                     await conn.execute("SELECT 1", timeout=SAFETY_NET)  # a dead link shows
             except (TimeoutError, *DB_ERRORS) as exc:
                 log.warning("listening connection to the database lost (retrying): %s", exc)
+            except Exception:  # keep listening, whatever happened
+                log.exception("listening connection failed (retrying)")
             finally:
                 if conn is not None:
                     conn.terminate()
