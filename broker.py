@@ -73,7 +73,8 @@ def duration(text: str) -> float:
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "port to listen on; 0 picks a free one"),
-    ("db", str, "broker.db", "path of the SQLite database file"),
+    ("db", str, "broker.db",
+     "path of the SQLite database file, or a postgresql:// URL (several processes)"),
     ("admin_token", str, DEFAULT_ADMIN_TOKEN,
      "token that create_user and the other admin endpoints require; change it"),
     ("jwt_secret", str, None,
@@ -104,6 +105,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
     ("argon2_memory_kib", int, 19456, "Argon2id memory per password hash, in KiB"),
     ("argon2_time_cost", int, 2, "Argon2id passes over that memory"),
     ("argon2_parallelism", int, 1, "Argon2id lanes (threads) per hash"),
+    ("reuse_port", bool, False,
+     "share the port with other broker processes (SO_REUSEPORT; PostgreSQL only)"),
     ("max_streams_per_user", int, 100,
      "event streams one user may hold open; one more closes that user's oldest"),
     ("cache_bytes", int, 64 << 20,
@@ -139,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
         parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
                      "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
+    if config.reuse_port and not is_postgres_url(config.db):
+        parser.error("--reuse_port needs PostgreSQL (--db postgresql://...): one process "
+                     "owns a SQLite file")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
     return config
@@ -156,6 +162,18 @@ def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
     return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
                                  memory_cost=config.argon2_memory_kib,
                                  parallelism=config.argon2_parallelism)
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def shown_db(db: str) -> str:
+    """The database for the log, without a password in a URL."""
+    if not is_postgres_url(db):
+        return db
+    parts = urlsplit(db)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -819,8 +837,9 @@ class Throttle:
 
 
 class Auth:
-    """Users (cached: this process is the database's only writer), password hashing in a
-    bounded pool, JWTs, and a cache of verified Basic credentials."""
+    """Users (cached: this process is the database's only writer, or on PostgreSQL is told
+    of every account change, see App.account_changed), password hashing in a bounded pool,
+    JWTs, and a cache of verified Basic credentials."""
 
     MAX_QUEUED_HASHES = 64
     MAX_CACHED_TOKENS = 10_000
@@ -863,6 +882,14 @@ class Auth:
     def remember(self, user: User) -> None:
         self.users[user.username] = user
         self.basic_verified.pop(user.username, None)
+
+    def forget(self, username: str) -> None:
+        """Drop everything cached about a user (changed by another process)."""
+        self.users.pop(username, None)
+        self.basic_verified.pop(username, None)
+        for token in [t for t, claims in self.verified_tokens.items()
+                      if claims.get("sub") == username]:
+            del self.verified_tokens[token]
 
     # -- passwords --------------------------------------------------------------------
     async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -1131,6 +1158,19 @@ def label(value: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+async def open_store(db: str, on_commit: Callable[[list[Event]], None],
+                     on_account_change: Callable[[str | None], Awaitable[None]] | None = None
+                     ) -> Store:
+    """SQLite for a path; PostgreSQL for a postgresql:// URL (imported only then)."""
+    if not is_postgres_url(db):
+        return await Store.open(db, on_commit)
+    try:
+        from pgstore import PgStore
+    except ImportError:
+        raise SystemExit("--db postgresql://... needs asyncpg: pip install 'broker[postgres]'")
+    return await PgStore.open(db, on_commit, on_account_change)  # type: ignore[return-value]
+
+
 def user_object(user: User) -> dict[str, Any]:
     return {"id": user.id, "password": "***", "revoked": user.revoked,
             "tenant_name": user.tenant_name, "username": user.username, "email": user.email,
@@ -1169,7 +1209,7 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await Store.open(self.config.db, self.hub.publish)
+        self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
         self.hub.published_upto = await self.store.newest_event_id()
         secret = self.config.jwt_secret
         if not secret:
@@ -1183,6 +1223,24 @@ class App:
                         DEFAULT_ADMIN_TOKEN)
             log.warning("!!  Set --admin_token or BROKER_ADMIN_TOKEN before going public.")
             log.warning("!" * 72)
+
+    async def account_changed(self, username: str | None) -> None:
+        """Another process (or this one) changed an account, on PostgreSQL; None: changes
+        may have been missed, so every account known here. Drop what is cached about it,
+        re-read it, and close the streams that the local path would have closed."""
+        names = [username] if username else list({*self.auth.users, *self.hub.by_user})
+        for name in names:
+            before = self.auth.users.get(name)
+            self.auth.forget(name)
+            user = await self.store.get_user(name)
+            if user is not None:
+                self.auth.remember(user)
+            rescoped = self.config.enforce_scopes and before is not None and \
+                user is not None and before.scopes != user.scopes
+            for conn in list(self.hub.by_user.get(name, ())):
+                if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
+                        or (before is not None and before.password_hash != user.password_hash):
+                    conn.end_stream()
 
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
@@ -1787,14 +1845,16 @@ async def serve(config: argparse.Namespace) -> None:
         await app.start()
     except StoreError as exc:
         log.error("%s", exc)
-        log.error("refusing to start: fix or move the database file (it was not changed)")
+        log.error("refusing to start (the database was not changed)")
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      ssl=tls_context(config), backlog=2048)
+                                      ssl=tls_context(config), backlog=2048,
+                                      reuse_port=config.reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
-    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme, config.db)
+    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme,
+             shown_db(config.db))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -1846,8 +1906,9 @@ def raise_open_file_limit(wanted: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args and not args[0].startswith("-"):  # the server takes no positional argument
-        import tools  # tools that are not the server: `broker backup ...`
+    if args and not args[0].startswith("-"):  # `broker TOOL ...`: see tools.py
+        import tools
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(message)s")
         raise SystemExit(tools.main(args))
     config = parse_args(argv)
     setup_logging(config)

@@ -13,13 +13,15 @@ beside the writer). The event loop only ever waits on futures.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +78,15 @@ USER_ROW = USER_COLUMNS + ", access_changed_at"
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
 MAX_BATCH = 512  # requests sharing one transaction at most
+# Every table and its columns, in the order `broker migrate` copies them from one engine to
+# another (export_tables / import_tables); a new table or column must be added here.
+TABLES = {
+    "users": USER_COLUMNS,
+    "events": "id, tenant_name, event, data, timestamp",
+    "latest": "tenant_name, event, event_id",
+    "settings": "key, value",
+}
+EXPORT_PAGE = 5000  # events per page of a copy
 
 
 class StoreError(Exception):
@@ -158,6 +169,7 @@ class Store:
         self.writer_conn: sqlite3.Connection | None = None
         self.reader_conns: list[sqlite3.Connection] = []
         self.id_floor = 1  # the smallest id the next insert may take (see _start_id_range)
+        self.lock_fd: int | None = None
 
     @classmethod
     async def open(cls, path: str, on_commit: Callable[[list[Event]], None]) -> Store:
@@ -165,9 +177,15 @@ class Store:
         rather than silently starting over with an empty one."""
         store = cls(path, on_commit)
         try:
+            store.lock_fd = _lock_for_this_process(path)
+        except BaseException:
+            store.readers.shutdown()
+            raise
+        try:
             store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
             store.readers.shutdown()
+            os.close(store.lock_fd)  # type: ignore[arg-type]  # set just above
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, name="store-write",
                                         daemon=True)
@@ -202,6 +220,9 @@ class Store:
             self.jobs.put(None)
             await self.loop.run_in_executor(None, self.writer.join)
             self.writer = None
+        if self.lock_fd is not None:  # after every connection: see _lock_for_this_process
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     # -- writes: one thread, group commit -----------------------------------------------
     async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -449,6 +470,65 @@ class Store:
             return len(doomed)
         return await self._write(run)
 
+    # -- whole-database copies (broker migrate) -----------------------------------------
+    async def table_counts(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in TABLES}
+        return await self._read(run)
+
+    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
+        """Every row of every table as (table, rows) pages, columns as in TABLES; users in
+        creation order, events in id order."""
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = "rowid" if table == "users" else "1, 2"
+                query = f"SELECT {columns} FROM {table} ORDER BY {order}"
+                yield table, await self._read(lambda conn, q=query: conn.execute(q).fetchall())
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+            while page := await self._read(lambda conn, q=query, a=after: conn.execute(
+                    q, (a, EXPORT_PAGE)).fetchall()):
+                yield table, page
+                after = page[-1][0]
+
+    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+        """Insert export_tables' pages (of any engine) into this empty database, ids kept:
+        new events get ids above them (a rowid continues from the largest)."""
+        async for table, rows in pages:
+            if not rows:
+                continue
+            if table == "users":
+                rows = [(*row[:3], int(row[3]), *row[4:]) for row in rows]
+            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
+                        f"({', '.join('?' * len(rows[0]))})"
+            await self._write(lambda conn, s=statement, r=rows: conn.executemany(s, r).rowcount)
+
+
+def _lock_for_this_process(path: str) -> int:
+    """Take an exclusive flock on the database file itself, held until the process exits
+    (or the Store closes): a second broker on the same file would not hear the first one's
+    inserts, so it is refused. The kernel drops the lock when the process dies, so a crash
+    never blocks the restart. SQLite locks with POSIX fcntl locks, which on Linux are
+    independent of flock, so readers beside the server (sqlite3, a backup) are not blocked.
+    The descriptor stays open while SQLite's connections are: closing any descriptor of the
+    file would drop this process's fcntl locks (a POSIX rule)."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:  # a read-only file: flock works on any descriptor
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot open database {path!r}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"database {path!r} is in use by another broker process. One process owns a "
+            "SQLite file; to run several processes, use PostgreSQL: --db postgresql://...") \
+            from None
+    return fd
 
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 # The id is the next after the newest, but at least the floor set at open: see _start_id_range.

@@ -34,7 +34,7 @@ from typing import Self
 
 import loadgen
 from loadgen import Channel, PublishPlan, percentile
-from servers import ALL_SERVERS, Broker, Server, nginx_version, server_factories
+from servers import ALL_SERVERS, PG_SERVERS, Broker, Server, nginx_version, server_factories
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "scopes", "restart"]
@@ -543,7 +543,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="broker benchmark (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="short smoke run with small sizes")
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
-                        help="comma-separated, from: " + ", ".join(ALL_SERVERS))
+                        help="comma-separated, from: " + ", ".join(ALL_SERVERS + PG_SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated, from: " + ", ".join(SCENARIOS))
     parser.add_argument("--fanout-sizes", help="subscriber counts, e.g. 100,1000,5000")
