@@ -7,7 +7,8 @@
 #                             the package's own cluster is not used), and the API and
 #                             stream tests on PostgreSQL
 # Sourced by .ci/run after the venv is activated. Idempotent and quick when everything is there.
-# A failed step only warns: the tests it serves then skip and say why.
+# A failed step only warns: the tests it serves then skip and say why (with CI=true a skip
+# fails the run: see tests/conftest.py).
 
 _deps_warn() { echo "integration-deps: $*" >&2; }
 
@@ -16,6 +17,9 @@ _deps_apt() {
     [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" != 0 ]; then
