@@ -47,6 +47,7 @@ log = logging.getLogger("broker")
 DEFAULT_ADMIN_TOKEN = "letmein"
 MAX_HEADER_BYTES = 16 * 1024
 SYNC_PAGE = 1000  # events read per query when replaying a backlog
+FANOUT_SLICE = 256  # subscribers written per turn of the loop: 1-2 ms, 6-8 us a write
 JWT_ISSUER = "Broker"
 
 # ---------------------------------------------------------------------------------------
@@ -79,6 +80,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("fanout_slice", int, FANOUT_SLICE,
+     "subscribers a fan-out writes to before it lets other work run"),
 ]
 
 
@@ -301,19 +304,25 @@ class Fanout:
     """Writes a set of live subscribers their frames, a slice of subscribers at a time.
 
     Frames go into a log; each member's position is the log index of the first frame it has
-    not been sent. A pass walks the members behind, SLICE at a time, yielding to the loop
-    between slices (call_soon), so requests, acks and connects wait at most one slice. Each
-    visited member gets, in one write, everything from its position to the log's end, so
-    frames committed while a pass is under way travel together: fewer, larger writes under
-    load (the send system call is the cost, not the bytes), and at a low rate the first
-    slice goes out at once, inside publish. Members at the same position share one joined
-    bytes object. Measured against Nagle (TCP_NODELAY off) and a bounded linger: see
-    bench/README.md, "The fan-out writer".
+    not been sent. A pass walks the members that are behind, SLICE at a time, and yields to
+    the loop between slices (call_soon), so requests, acks and connects wait at most one
+    slice. A member visited gets everything from its position to the log's end in one write,
+    so frames committed while a pass is under way travel together, and members at the same
+    position share one joined bytes object: one encoding, no per-subscriber work.
+
+    The send system call is the cost (6-8 us a write on loopback), not the bytes, so under
+    load fewer, larger writes are the lever. When frames arrived during a pass, the next
+    pass waits LINGER first: commits gather meanwhile, and the loop is free for the
+    publishers' requests, so the next pass carries more frames per write. An event at a low
+    rate finds no pass running and is written at once, inside publish. Nagle (TCP_NODELAY
+    off) was measured too and lost: see bench/README.md, "The fan-out writer".
     """
 
-    SLICE = 256  # writes between two yields: ~2 ms on loopback, 6-8 us a write
+    SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
+    LINGER = 0.005  # seconds between two passes under load: adds at most this to latency
 
-    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order", "running")
+    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_end", "pass_order",
+                 "running")
 
     def __init__(self) -> None:
         self.members: dict[Connection, int] = {}  # member -> log index of its next frame
@@ -321,7 +330,8 @@ class Fanout:
         self.base = 0
         self.pass_order: list[Connection] = []  # this pass: members to visit, in order
         self.pass_at = 0  # next one of pass_order to visit
-        self.running = False  # a pass is under way (its next slice is scheduled)
+        self.pass_end = 0  # the log's end when this pass began
+        self.running = False  # a pass is under way or scheduled
         self._joined: dict[tuple[int, bool], bytes] = {}  # (position, chunked) -> bytes
 
     def end(self) -> int:
@@ -334,13 +344,13 @@ class Fanout:
     def remove(self, conn: Connection) -> None:
         self.members.pop(conn, None)
 
-    def send(self, frame: bytes) -> None:
-        """Queue one or more whole SSE frames for every member."""
-        self.frames.append(frame)
+    def send(self, frames: bytes) -> None:
+        """Queue whole SSE frames for every member; written at once when no pass runs."""
+        self.frames.append(frames)
         self._joined.clear()
         if not self.running:
             self.running = True
-            self._slice()
+            self._next_pass()
 
     def pending(self, conn: Connection) -> bytes:
         """What `conn` has not been sent yet, framed for it; its position moves to the end."""
@@ -356,10 +366,22 @@ class Fanout:
             data = self._joined[key] = chunk(data) if conn.chunked else data
         return data
 
-    def _slice(self) -> None:
-        if self.pass_at >= len(self.pass_order) and not self._new_pass():
+    def _next_pass(self) -> None:
+        """Start a pass over the members behind; drop the frames every member has."""
+        end = self.end()
+        oldest = min(self.members.values(), default=end)
+        del self.frames[:oldest - self.base]
+        self.base = oldest
+        self._joined.clear()
+        self.pass_order = [conn for conn, position in self.members.items() if position < end]
+        self.pass_at = 0
+        self.pass_end = end
+        if self.pass_order:
+            self._slice()
+        else:
             self.running = False
-            return
+
+    def _slice(self) -> None:
         stop = min(self.pass_at + self.SLICE, len(self.pass_order))
         for conn in self.pass_order[self.pass_at:stop]:
             data = self.pending(conn)
@@ -369,18 +391,13 @@ class Fanout:
                 except RuntimeError:  # uvloop, on a transport that just closed: let it go
                     pass
         self.pass_at = stop
-        asyncio.get_running_loop().call_soon(self._slice)
-
-    def _new_pass(self) -> bool:
-        """Start a pass over the members behind; drop the frames all members have."""
-        end = self.end()
-        self.pass_order = [conn for conn, position in self.members.items() if position < end]
-        self.pass_at = 0
-        oldest = min(self.members.values(), default=end)
-        del self.frames[:oldest - self.base]
-        self.base = oldest
-        self._joined.clear()
-        return bool(self.pass_order)
+        loop = asyncio.get_running_loop()
+        if stop < len(self.pass_order):
+            loop.call_soon(self._slice)
+        elif self.end() > self.pass_end:  # frames came during the pass: some members lag
+            loop.call_later(self.LINGER, self._next_pass)
+        else:
+            self._next_pass()  # everyone has everything: this drops the log and stops
 
 
 class Tenant:
@@ -798,6 +815,7 @@ class App:
     def __init__(self, config: argparse.Namespace) -> None:
         self.config = config
         self.hub = Hub()
+        Fanout.SLICE = max(1, config.fanout_slice)  # one server per process
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)
