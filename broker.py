@@ -311,17 +311,17 @@ class Fanout:
     position share one joined bytes object: one encoding, no per-subscriber work.
 
     The send system call is the cost (6-8 us a write on loopback), not the bytes, so under
-    load fewer, larger writes are the lever. When frames arrived during a pass, the next
-    pass waits LINGER first: commits gather meanwhile, and the loop is free for the
-    publishers' requests, so the next pass carries more frames per write. An event at a low
-    rate finds no pass running and is written at once, inside publish. Nagle (TCP_NODELAY
-    off) was measured too and lost: see bench/README.md, "The fan-out writer".
+    load fewer, larger writes are the lever: after a pass the writer waits LINGER before
+    the next one, so commits gather meanwhile and the loop is free for the publishers'
+    requests. An event that finds the writer idle (no pass for LINGER) is written at once,
+    inside publish. Nagle (TCP_NODELAY off) was measured too and lost on latency; see
+    bench/README.md, "The fan-out writer".
     """
 
     SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
-    LINGER = 0.005  # seconds between two passes under load: adds at most this to latency
+    LINGER = 0.005  # seconds between two passes: adds at most this to an event's latency
 
-    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_end", "pass_order",
+    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order",
                  "running")
 
     def __init__(self) -> None:
@@ -330,7 +330,6 @@ class Fanout:
         self.base = 0
         self.pass_order: list[Connection] = []  # this pass: members to visit, in order
         self.pass_at = 0  # next one of pass_order to visit
-        self.pass_end = 0  # the log's end when this pass began
         self.running = False  # a pass is under way or scheduled
         self._joined: dict[tuple[int, bool], bytes] = {}  # (position, chunked) -> bytes
 
@@ -375,7 +374,6 @@ class Fanout:
         self._joined.clear()
         self.pass_order = [conn for conn, position in self.members.items() if position < end]
         self.pass_at = 0
-        self.pass_end = end
         if self.pass_order:
             self._slice()
         else:
@@ -394,10 +392,8 @@ class Fanout:
         loop = asyncio.get_running_loop()
         if stop < len(self.pass_order):
             loop.call_soon(self._slice)
-        elif self.end() > self.pass_end:  # frames came during the pass: some members lag
+        else:  # the pass is over; what comes within LINGER waits for the next one
             loop.call_later(self.LINGER, self._next_pass)
-        else:
-            self._next_pass()  # everyone has everything: this drops the log and stops
 
 
 class Tenant:
