@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    if config.fanout_slice < 1:
+        parser.error("--fanout_slice must be at least 1")
     return config
 
 
@@ -811,7 +813,7 @@ class App:
     def __init__(self, config: argparse.Namespace) -> None:
         self.config = config
         self.hub = Hub()
-        Fanout.SLICE = max(1, config.fanout_slice)  # one server per process
+        Fanout.SLICE = config.fanout_slice  # one server per process
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import select
 import socket
+import subprocess
+import sys
 import threading
 
-from conftest import SSE, Server, parse_frame
+from conftest import ROOT, SSE, Server, parse_frame
 from stream_support import dechunk, open_resume, sequence_problems, unique
 from test_stream import FanOutReaders, drain, open_stalled_subscriber
 
@@ -134,3 +136,10 @@ def test_a_slow_consumer_is_cut_mid_slice_and_resumes_while_the_others_get_every
     resumed.close()
     for stream in streams:
         stream.close()
+
+
+def test_a_fanout_slice_below_one_is_refused_at_start() -> None:
+    result = subprocess.run([sys.executable, "-m", "broker", "--fanout_slice", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "--fanout_slice must be at least 1" in result.stderr
