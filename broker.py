@@ -313,17 +313,17 @@ class Fanout:
     position share one joined bytes object: one encoding, no per-subscriber work.
 
     The send system call is the cost (6-8 us a write on loopback), not the bytes, so under
-    load fewer, larger writes are the lever: after a pass the writer waits LINGER before
-    the next one, so commits gather meanwhile and the loop is free for the publishers'
-    requests. An event that finds the writer idle (no pass for LINGER) is written at once,
-    inside publish. Nagle (TCP_NODELAY off) was measured too and lost on latency; see
+    load fewer, larger writes are the lever: after a pass the writer waits as long as the
+    pass took, at most LINGER, before the next one, so commits gather meanwhile and the
+    loop is free for the publishers' requests at least half the time. An event that finds
+    the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was measured too and lost on latency; see
     bench/README.md, "The fan-out writer".
     """
 
     SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
-    LINGER = 0.005  # seconds between two passes: adds at most this to an event's latency
+    LINGER = 0.005  # longest wait between two passes: at most this added to a latency
 
-    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order",
+    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order", "pass_started",
                  "running")
 
     def __init__(self) -> None:
@@ -332,6 +332,7 @@ class Fanout:
         self.base = 0
         self.pass_order: list[Connection] = []  # this pass: members to visit, in order
         self.pass_at = 0  # next one of pass_order to visit
+        self.pass_started = 0.0  # loop time when this pass began
         self.running = False  # a pass is under way or scheduled
         self._joined: dict[tuple[int, bool], bytes] = {}  # (position, chunked) -> bytes
 
@@ -376,6 +377,7 @@ class Fanout:
         self._joined.clear()
         self.pass_order = [conn for conn, position in self.members.items() if position < end]
         self.pass_at = 0
+        self.pass_started = asyncio.get_running_loop().time()
         if self.pass_order:
             self._slice()
         else:
@@ -394,8 +396,9 @@ class Fanout:
         loop = asyncio.get_running_loop()
         if stop < len(self.pass_order):
             loop.call_soon(self._slice)
-        else:  # the pass is over; what comes within LINGER waits for the next one
-            loop.call_later(self.LINGER, self._next_pass)
+        else:  # the pass is over; what comes meanwhile waits for the next one
+            took = loop.time() - self.pass_started
+            loop.call_later(min(took, self.LINGER), self._next_pass)
 
 
 class Tenant:
