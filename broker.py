@@ -16,6 +16,7 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -27,20 +28,23 @@ import resource
 import secrets
 import signal
 import ssl
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-import argon2
 import h11
 import jwt
 
 from store import Event, Store, StoreError, User, UsernameTaken
+
+if TYPE_CHECKING:
+    import argon2
 
 log = logging.getLogger("broker")
 
@@ -54,10 +58,22 @@ JWT_ISSUER = "Broker"
 # Configuration: every option is a flag and an environment variable BROKER_<NAME>.
 # ---------------------------------------------------------------------------------------
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds in `45s`, `90m`, `12h` or `30d` (or a plain `0`)."""
+    match = re.fullmatch(r"(\d{1,9})([smhd]?)", text.strip())
+    if not match or (not match.group(2) and match.group(1).strip("0")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 45s, 90m, 12h, 30d")
+    return int(match.group(1)) * DURATION_UNITS.get(match.group(2), 0)
+
+
 OPTIONS: list[tuple[str, type, Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "port to listen on; 0 picks a free one"),
-    ("db", str, "broker.db", "path of the SQLite database file"),
+    ("db", str, "broker.db",
+     "path of the SQLite database file, or a postgresql:// URL (several processes)"),
     ("admin_token", str, DEFAULT_ADMIN_TOKEN,
      "token that create_user and the other admin endpoints require; change it"),
     ("jwt_secret", str, None,
@@ -80,6 +96,16 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
     ("password_checker", bool, False,
      "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
+    ("enforce_scopes", bool, False,
+     "let users insert and receive only the events their scopes grant (NAME:post, NAME:get)"),
+    ("retention", duration, "0",
+     ("delete events older than this (45s, 90m, 12h, 30d), except the newest of each name; "
+      "0 keeps everything")),
+    ("argon2_memory_kib", int, 19456, "Argon2id memory per password hash, in KiB"),
+    ("argon2_time_cost", int, 2, "Argon2id passes over that memory"),
+    ("argon2_parallelism", int, 1, "Argon2id lanes (threads) per hash"),
+    ("reuse_port", bool, False,
+     "share the port with other broker processes (SO_REUSEPORT; PostgreSQL only)"),
     ("fanout_slice", int, FANOUT_SLICE,
      "subscribers a fan-out writes to before it lets other work run"),
 ]
@@ -108,9 +134,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cert_path and --key_path go together")
     if config.log_format not in ("text", "json"):
         parser.error("--log_format is text or json")
+    # Argon2's own bounds: at least one pass, and 8 KiB of memory per lane.
+    if not (config.argon2_time_cost >= 1 and 1 <= config.argon2_parallelism <= 255
+            and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
+        parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
+                     "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
+    if config.reuse_port and not is_postgres_url(config.db):
+        parser.error("--reuse_port needs PostgreSQL (--db postgresql://...): one process "
+                     "owns a SQLite file")
     if config.fanout_slice < 1:
         parser.error("--fanout_slice must be at least 1")
     return config
+
+
+def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
+    # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
+    # a server needs it.
+    import argon2
+
+    return_big_blocks_to_the_system()
+
+    # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
+    # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
+    return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
+                                 memory_cost=config.argon2_memory_kib,
+                                 parallelism=config.argon2_parallelism)
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def shown_db(db: str) -> str:
+    """The database for the log, without a password in a URL."""
+    if not is_postgres_url(db):
+        return db
+    parts = urlsplit(db)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -137,7 +197,8 @@ def setup_logging(config: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout",
            413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
@@ -283,9 +344,49 @@ def event_name_field(body: dict[str, Any]) -> str:
     return text_field(body, "event", max_len=256)
 
 
+# -- scopes: which events a user may insert and receive (with --enforce_scopes) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class EventNames:
+    """The event names that some scope patterns grant: exact names, and literal prefixes
+    (the pattern `chat.*` is the prefix "chat.", and `*` the prefix "", which every name
+    has). Compared by value: subscribers with equal EventNames share one fan-out group."""
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    def __call__(self, name: str) -> bool:
+        return name in self.exact or name.startswith(self.prefixes)
+
+
+def event_names(patterns: list[str]) -> EventNames:
+    # Normalized, so that equal grants compare equal (`*` with `news` is just `*`).
+    stems = {p[:-1] for p in patterns if p.endswith("*")}
+    prefixes = tuple(sorted(p for p in stems if not any(p != q and p.startswith(q)
+                                                         for q in stems)))
+    exact = frozenset(p for p in patterns if not p.endswith("*") and not p.startswith(prefixes))
+    return EventNames(exact, prefixes)
+
+
+@functools.lru_cache(maxsize=4096)
+def grants(scopes: tuple[str, ...]) -> tuple[EventNames, EventNames]:
+    """The names these scopes may get (`NAME:get`) and post (`NAME:post`). Other scopes
+    stay on the user and in its JWT, and grant nothing here."""
+    patterns: dict[str, list[str]] = {"get": [], "post": []}
+    for scope in scopes:
+        name, _, action = scope.rpartition(":")
+        if name and action in patterns:
+            patterns[action].append(name)
+    return event_names(patterns["get"]), event_names(patterns["post"])
+
+
 # ---------------------------------------------------------------------------------------
 # Fan-out: who listens to which tenant. Each committed event is encoded once, and the
 # same bytes go to every subscriber of its tenant with one transport.write each.
+# With --enforce_scopes, a tenant's subscribers are grouped by what they may read: each
+# group gets the frames it may read, with no check per subscriber. Without, a tenant is
+# one group.
 # ---------------------------------------------------------------------------------------
 
 
@@ -420,7 +521,8 @@ class Tenant:
 
 class Hub:
     def __init__(self, published_upto: int = 0) -> None:
-        self.tenants: dict[str, Tenant] = {}
+        # Tenant name -> what its subscribers may read (Connection.reads) -> their group.
+        self.tenants: dict[str, dict[EventNames | None, Tenant]] = {}
         self.by_user: dict[str, set[Connection]] = {}
         # The newest event id handed to publish(). A backlog read can see a commit a moment
         # before it is published; such a subscriber waits here (id it has been sent up to)
@@ -436,28 +538,39 @@ class Hub:
         for event in events:
             by_tenant.setdefault(event.tenant_name, []).append(event)
         for name, batch in by_tenant.items():
-            tenant = self.tenants.get(name)
-            if tenant is None:
+            groups = self.tenants.get(name)
+            if groups is None:
                 continue
-            for held in tenant.syncing.values():
-                held.extend(batch)
-            if tenant.live:
-                self.frames_delivered += len(tenant.live) * len(batch)
-                tenant.fanout.send(b"".join(sse_frame(event) for event in batch))
+            frames = [sse_frame(event) for event in batch]
+            everything = b"".join(frames)
+            # A copy: a write can cut a slow subscriber and so remove its group.
+            for reads, group in tuple(groups.items()):
+                for held in group.syncing.values():
+                    held.extend(batch)  # Connection.send_events filters them
+                if not group.live:
+                    continue
+                payload, count = (everything, len(batch)) if reads is None else \
+                    readable_frames(reads, batch, frames, everything)
+                if count:
+                    self.frames_delivered += len(group.live) * count
+                    group.fanout.send(payload)
         self.published_upto = events[-1].id
         for conn, sent_upto in list(self.waiting.items()):
             if sent_upto <= self.published_upto:
                 self.go_live(conn, sent_upto)
 
+    def group_of(self, conn: Connection) -> Tenant | None:
+        return self.tenants.get(conn.tenant, {}).get(conn.reads)
+
     def join(self, conn: Connection) -> None:
         """Start holding live events for a new subscriber while it syncs."""
-        tenant = self.tenants.setdefault(conn.tenant, Tenant())
-        tenant.syncing[conn] = []
+        groups = self.tenants.setdefault(conn.tenant, {})
+        groups.setdefault(conn.reads, Tenant()).syncing[conn] = []
         self.by_user.setdefault(conn.username, set()).add(conn)
 
     def go_live(self, conn: Connection, sent_upto: int) -> None:
         """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is None or conn not in tenant.syncing:
             return  # it went away meanwhile
         if sent_upto > self.published_upto:
@@ -471,25 +584,36 @@ class Hub:
 
     def leave(self, conn: Connection) -> None:
         self.waiting.pop(conn, None)
-        tenant = self.tenants.get(conn.tenant)
+        tenant = self.group_of(conn)
         if tenant is not None:
             tenant.remove(conn)
             if not tenant.live and not tenant.syncing:
-                del self.tenants[conn.tenant]
+                groups = self.tenants[conn.tenant]
+                del groups[conn.reads]
+                if not groups:
+                    del self.tenants[conn.tenant]
         users = self.by_user.get(conn.username)
         if users is not None:
             users.discard(conn)
             if not users:
                 del self.by_user[conn.username]
 
+    def mute_user(self, username: str) -> None:
+        """Stop sending to the user's streams, but leave them open until close_user."""
+        for conn in self.by_user.get(username, ()):
+            group = self.group_of(conn)
+            if group is not None:
+                group.remove(conn)
+
     def close_user(self, username: str) -> None:
         for conn in list(self.by_user.get(username, ())):
             conn.end_stream()
 
     def close_all(self) -> None:
-        for tenant in list(self.tenants.values()):  # what a pass has not reached goes first
-            for conn in list(tenant.live):
-                data = tenant.fanout.pending(conn)
+        # What a pass has not reached yet goes first.
+        for group in [g for groups in self.tenants.values() for g in groups.values()]:
+            for conn in list(group.live):
+                data = group.fanout.pending(conn)
                 if data and not conn.transport.is_closing():
                     conn.transport.write(data)
         for users in list(self.by_user.values()):
@@ -498,13 +622,24 @@ class Hub:
 
     def heartbeat(self) -> None:
         # Through the sliced writer, like events: a comment frame, delivered once per member.
-        # A copy: a write can cut a slow subscriber and so remove its tenant.
-        for tenant in list(self.tenants.values()):
-            if tenant.live and not tenant.fanout.running:
-                tenant.fanout.send(HEARTBEAT)
+        # A copy: a write can cut a slow subscriber and so remove its group.
+        for group in [g for groups in self.tenants.values() for g in groups.values()]:
+            if group.live and not group.fanout.running:
+                group.fanout.send(HEARTBEAT)
 
-    def count(self) -> int:
-        return sum(len(t.live) + len(t.syncing) for t in self.tenants.values())
+    def count(self, tenant: str | None = None) -> int:
+        """Subscribers of one tenant, or of all."""
+        chosen = [self.tenants.get(tenant, {})] if tenant else self.tenants.values()
+        return sum(len(g.live) + len(g.syncing) for groups in chosen for g in groups.values())
+
+
+def readable_frames(reads: EventNames, batch: list[Event], frames: list[bytes],
+                    everything: bytes) -> tuple[bytes, int]:
+    """The frames of the batch whose events `reads` allows, joined, and how many."""
+    chosen = [frame for event, frame in zip(batch, frames) if reads(event.event)]
+    if len(chosen) == len(frames):
+        return everything, len(frames)
+    return b"".join(chosen), len(chosen)
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,8 +676,9 @@ class Throttle:
 
 
 class Auth:
-    """Users (cached: this process is the database's only writer), password hashing in a
-    bounded pool, JWTs, and a cache of verified Basic credentials."""
+    """Users (cached: this process is the database's only writer, or on PostgreSQL is told
+    of every account change, see App.account_changed), password hashing in a bounded pool,
+    JWTs, and a cache of verified Basic credentials."""
 
     MAX_QUEUED_HASHES = 64
     MAX_CACHED_TOKENS = 10_000
@@ -552,12 +688,13 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
-        self.hasher = argon2.PasswordHasher()
+        self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
         self.queued_hashes = 0
-        self.dummy_hash = self.hasher.hash(secrets.token_hex(8))
+        # Made at the first password check, not at start (a hash costs startup time).
+        self.dummy_hash: str | None = None
         # Verified Basic credentials, as keyed hashes of (stored hash, password): a password
         # change makes a new stored hash and so voids the entry. Never the plain password.
         self.basic_key = secrets.token_bytes(32)
@@ -565,6 +702,12 @@ class Auth:
         self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
         self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
+
+    @property
+    def hasher(self) -> argon2.PasswordHasher:
+        if self._hasher is None:
+            self._hasher = password_hasher(self.config)
+        return self._hasher
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
@@ -578,6 +721,14 @@ class Auth:
     def remember(self, user: User) -> None:
         self.users[user.username] = user
         self.basic_verified.pop(user.username, None)
+
+    def forget(self, username: str) -> None:
+        """Drop everything cached about a user (changed by another process)."""
+        self.users.pop(username, None)
+        self.basic_verified.pop(username, None)
+        for token in [t for t, claims in self.verified_tokens.items()
+                      if claims.get("sub") == username]:
+            del self.verified_tokens[token]
 
     # -- passwords --------------------------------------------------------------------
     async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -595,11 +746,10 @@ class Auth:
 
     async def verify(self, password_hash: str, password: str) -> bool:
         def check() -> bool:
+            from argon2.exceptions import InvalidHashError, VerificationError
             try:
                 return self.hasher.verify(password_hash, password)
-            except argon2.exceptions.VerificationError:
-                return False
-            except argon2.exceptions.InvalidHashError:
+            except (VerificationError, InvalidHashError):
                 return False
         return await self._in_pool(check)
 
@@ -608,14 +758,36 @@ class Auth:
         limit = self.config.auth_failures
         self.throttle.check(f"user:{username}", limit)
         self.throttle.check(f"addr:{client}", limit * 3)
-        user = await self.user(username)
         # Verify against a dummy hash for unknown users, so timing does not reveal names.
-        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
+        # The dummy is made before the lookup, whoever asks: only the very first check
+        # after start pays for it, known user or not.
+        dummy = self.dummy_hash or await self.make_dummy_hash()
+        user = await self.user(username)
+        ok = await self.verify(user.password_hash if user else dummy, password)
         if not ok or user is None or user.revoked:
             self.throttle.fail(f"user:{username}")
             self.throttle.fail(f"addr:{client}")
             raise unauthorized("wrong username or password, or the user is revoked")
+        if self.hasher.check_needs_rehash(user.password_hash):
+            user = await self.rehash(user, password)
         return user
+
+    async def make_dummy_hash(self) -> str:
+        self.dummy_hash = await self._in_pool(self.hasher.hash, secrets.token_hex(8))
+        return self.dummy_hash
+
+    async def rehash(self, user: User, password: str) -> User:
+        """Store the password hashed with the current Argon2 parameters (they changed since
+        it was set). Only if the stored hash is still the one just verified: a password
+        changed meanwhile stays changed. Tokens stay valid: the password is the same."""
+        updated = await self.store.replace_password_hash(
+            user.username, user.password_hash, await self.hash(password))
+        if updated is None:
+            return user
+        self.remember(updated)
+        log.info("rehashed the password of %s with the current Argon2 parameters",
+                 user.username)
+        return updated
 
     def check_admin(self, body: dict[str, Any], client: str) -> None:
         token = body.get("admin_token")
@@ -714,6 +886,17 @@ class Auth:
                         hashlib.sha256).digest()
 
 
+def return_big_blocks_to_the_system() -> None:
+    """glibc serves a large allocation with its own mmap and unmaps it when freed, but then
+    raises that threshold to the size freed: from the second login on, each hash's 19 MiB
+    would come from a heap that keeps it, and RSS would stay 20 MB higher for good. Pinning
+    the threshold (which stops it moving) gives the memory back after every hash."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up are mmapped
+
+
 def lower_thread_priority() -> None:
     """Nice this thread (and the threads Argon2 starts from it for its lanes), so that the
     scheduler prefers the event loop: inserts and streams stay prompt during a login flood."""
@@ -776,7 +959,7 @@ class Metrics:
             f"broker_sse_tenants {len(tenants)}",
             "# TYPE broker_sse_tenant_subscribers gauge",
             *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} '
-              f"{len(t.live) + len(t.syncing)}" for name, t in sorted(tenants.items())),
+              f"{app.hub.count(name)}" for name in sorted(tenants)),
             "# TYPE broker_events_inserted_total counter",
             f"broker_events_inserted_total {self.events_inserted}",
             "# TYPE broker_frames_delivered_total counter",
@@ -804,6 +987,19 @@ def label(value: str) -> str:
 # ---------------------------------------------------------------------------------------
 # The application: routes and handlers.
 # ---------------------------------------------------------------------------------------
+
+
+async def open_store(db: str, on_commit: Callable[[list[Event]], None],
+                     on_account_change: Callable[[str | None], Awaitable[None]] | None = None
+                     ) -> Store:
+    """SQLite for a path; PostgreSQL for a postgresql:// URL (imported only then)."""
+    if not is_postgres_url(db):
+        return await Store.open(db, on_commit)
+    try:
+        from pgstore import PgStore
+    except ImportError:
+        raise SystemExit("--db postgresql://... needs asyncpg: pip install 'broker[postgres]'")
+    return await PgStore.open(db, on_commit, on_account_change)  # type: ignore[return-value]
 
 
 def user_object(user: User) -> dict[str, Any]:
@@ -842,7 +1038,7 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await Store.open(self.config.db, self.hub.publish)
+        self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
         self.hub.published_upto = await self.store.newest_event_id()
         secret = self.config.jwt_secret
         if not secret:
@@ -856,6 +1052,24 @@ class App:
                         DEFAULT_ADMIN_TOKEN)
             log.warning("!!  Set --admin_token or BROKER_ADMIN_TOKEN before going public.")
             log.warning("!" * 72)
+
+    async def account_changed(self, username: str | None) -> None:
+        """Another process (or this one) changed an account, on PostgreSQL; None: changes
+        may have been missed, so every account known here. Drop what is cached about it,
+        re-read it, and close the streams that the local path would have closed."""
+        names = [username] if username else list({*self.auth.users, *self.hub.by_user})
+        for name in names:
+            before = self.auth.users.get(name)
+            self.auth.forget(name)
+            user = await self.store.get_user(name)
+            if user is not None:
+                self.auth.remember(user)
+            rescoped = self.config.enforce_scopes and before is not None and \
+                user is not None and before.scopes != user.scopes
+            for conn in list(self.hub.by_user.get(name, ())):
+                if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
+                        or (before is not None and before.password_hash != user.password_hash):
+                    conn.end_stream()
 
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
@@ -916,6 +1130,8 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
+            raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
         event = await self.store.insert_event(user.tenant_name, name, data)
         self.metrics.observe_insert(time.perf_counter() - started)
@@ -936,7 +1152,7 @@ class App:
                 latest, covered = await self.store.latest_events(user.tenant_name)
                 conn.send_events(latest)
             else:
-                covered = await self.replay(conn, user.tenant_name, last_id)
+                covered = await self.replay(conn, user, last_id)
             await conn.drained()
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
@@ -945,11 +1161,22 @@ class App:
         self.hub.go_live(conn, covered)
         return STREAMING
 
-    async def replay(self, conn: Connection, tenant: str, after: int) -> int:
-        """Send every event of the tenant after `after`, page by page. Returns the newest id
-        in the database at the last read."""
+    async def replay(self, conn: Connection, user: User, after: int) -> int:
+        """Send every event of the user's tenant after `after`, page by page. Returns the
+        newest id in the database at the last read.
+
+        The resume rule: replay only what the log can prove the client is missing. When it
+        cannot (an id from another history or the future, a change of tenant or scopes at
+        or after it, events after it pruned; see Store.resume_page), send the latest values instead, as
+        on a fresh connect: the client is whole again, without any extra frame."""
         while True:
-            page, newest = await self.store.events_after(tenant, after, SYNC_PAGE)
+            found = await self.store.resume_page(user.username, user.tenant_name, after,
+                                                 SYNC_PAGE)
+            if found is None:
+                latest, covered = await self.store.latest_events(user.tenant_name)
+                conn.send_events(latest)
+                return covered
+            page, newest = found
             if page:
                 conn.send_events(page)
                 after = page[-1].id
@@ -1020,9 +1247,20 @@ class App:
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
         before = await self.auth.user(username)
-        user = await self._change_user(username, changes)
-        if password is not None or (before and before.tenant_name != user.tenant_name):
-            self.hub.close_user(username)  # they reconnect with the new state
+        rescoped = self.config.enforce_scopes and before is not None \
+            and changes.get("scopes", before.scopes) != before.scopes
+        moving = before is not None and changes.get("tenant_name", before.tenant_name) \
+            != before.tenant_name
+        if moving or rescoped:
+            # What the user's streams may carry changes: nothing more may reach them once the
+            # change commits, so their Last-Event-ID stays at or before the id the change
+            # records (Store.update_user), and their resume gets the new state.
+            self.hub.mute_user(username)
+        try:
+            user = await self._change_user(username, changes)
+        finally:
+            if moving or rescoped or password is not None:
+                self.hub.close_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
 
@@ -1045,7 +1283,7 @@ def last_event_id(req: Request) -> int | None:
 class Connection(asyncio.Protocol):
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
-                 "request", "started", "tenant", "timer", "transport", "username",
+                 "reads", "request", "started", "tenant", "timer", "transport", "username",
                  "write_paused")
 
     def __init__(self, app: App) -> None:
@@ -1062,6 +1300,7 @@ class Connection(asyncio.Protocol):
         self.chunked = True
         self.username = ""
         self.tenant = ""
+        self.reads: EventNames | None = None  # what a stream may receive; None: everything
         self.drain_waiter: asyncio.Future | None = None
         self.write_paused = False
         self.started = 0.0
@@ -1106,7 +1345,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        tenant = self.app.hub.tenants.get(self.tenant) if self.username else None
+        tenant = self.app.hub.group_of(self) if self.username else None
         if tenant is not None and self in tenant.live:
             self.app.hub.slow_consumers_cut += 1
             log.warning("cut off slow subscriber %s (%s): over %d unsent bytes",
@@ -1321,10 +1560,14 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()  # to notice the client hanging up
         self.username = user.username
         self.tenant = user.tenant_name
+        self.reads = grants(tuple(user.scopes))[0] if self.app.config.enforce_scopes else None
 
     def send_events(self, events: list[Event]) -> None:
+        """Send those of the events this stream may read (sync, replay, held while syncing)."""
         if self.transport.is_closing():
             return  # the subscriber left; uvloop raises on a write to a closed transport
+        if self.reads is not None:
+            events = [event for event in events if self.reads(event.event)]
         payload = b"".join(sse_frame(event) for event in events)
         if payload:
             self.transport.write(chunk(payload) if self.chunked else payload)
@@ -1359,6 +1602,28 @@ async def heartbeats(app: App) -> None:
         app.auth.throttle.forget_old()
 
 
+PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts
+
+
+async def enforce_retention(app: App) -> None:
+    """Delete events older than --retention: at start, then every minute (or every half
+    retention when that is shorter), in small batches that queue among the inserts."""
+    keep = app.config.retention
+    while True:
+        deleted = 0
+        try:
+            while True:
+                count = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
+                deleted += count
+                if count < PRUNE_BATCH:
+                    break
+        except StoreError as exc:
+            log.warning("retention: pruning failed, trying again later: %s", exc)
+        if deleted:
+            log.info("retention: deleted %d events older than %gs", deleted, keep)
+        await asyncio.sleep(min(60.0, max(1.0, keep / 2)))
+
+
 def tls_context(config: argparse.Namespace) -> ssl.SSLContext | None:
     if not config.cert_path:
         return None
@@ -1373,14 +1638,16 @@ async def serve(config: argparse.Namespace) -> None:
         await app.start()
     except StoreError as exc:
         log.error("%s", exc)
-        log.error("refusing to start: fix or move the database file (it was not changed)")
+        log.error("refusing to start (the database was not changed)")
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      ssl=tls_context(config), backlog=2048)
+                                      ssl=tls_context(config), backlog=2048,
+                                      reuse_port=config.reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
-    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme, config.db)
+    log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme,
+             shown_db(config.db))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -1388,9 +1655,12 @@ async def serve(config: argparse.Namespace) -> None:
     # SIGHUP from log rotation or a closed terminal must not stop the server.
     loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: logging to stderr, nothing to reopen")
     beat = asyncio.create_task(heartbeats(app))
+    pruner = asyncio.create_task(enforce_retention(app)) if config.retention else None
     await stop.wait()
     log.info("shutting down")
     beat.cancel()
+    if pruner:
+        pruner.cancel()
     await shutdown(app, server)
     log.info("stopped")
 
@@ -1428,6 +1698,11 @@ def raise_open_file_limit(wanted: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and not args[0].startswith("-"):  # `broker TOOL ...`: see tools.py
+        import tools
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(message)s")
+        raise SystemExit(tools.main(args))
     config = parse_args(argv)
     setup_logging(config)
     raise_open_file_limit(config.max_connections + 64)  # + the database, logs, listeners

@@ -13,13 +13,15 @@ beside the writer). The event loop only ever waits on futures.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +36,11 @@ CREATE TABLE IF NOT EXISTS users (
     email TEXT,
     scopes TEXT NOT NULL,              -- JSON array of strings
     data TEXT,                         -- JSON, or NULL
-    tokens_valid_after INTEGER NOT NULL DEFAULT 0  -- JWTs issued before this second are void
+    tokens_valid_after INTEGER NOT NULL DEFAULT 0,  -- JWTs issued before this second are void
+    access_changed_at INTEGER  -- newest event id when its tenant or scopes last changed, or NULL
 );
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,            -- rowid: increases with every insert, never reused
+    id INTEGER PRIMARY KEY,            -- increases with every insert, never reused (see id_gaps)
     tenant_name TEXT NOT NULL,
     event TEXT NOT NULL,
     data TEXT NOT NULL,                -- compact JSON, exactly as sent on the stream
@@ -53,6 +56,17 @@ CREATE TABLE IF NOT EXISTS latest (
     PRIMARY KEY (tenant_name, event)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Ids this log never issued: every id strictly between after_id and before_id. One row per
+-- open that found the log behind the clock (see Store._open_writer).
+CREATE TABLE IF NOT EXISTS id_gaps (
+    after_id INTEGER PRIMARY KEY,
+    before_id INTEGER NOT NULL
+);
+-- Retention's horizon per tenant: the newest id it deleted. Events after it are all there.
+CREATE TABLE IF NOT EXISTS pruned (
+    tenant_name TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 log = logging.getLogger("broker.store")
@@ -62,6 +76,15 @@ USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
 MAX_BATCH = 512  # requests sharing one transaction at most
+# Every table and its columns, in the order `broker migrate` copies them from one engine to
+# another (export_tables / import_tables); a new table or column must be added here.
+TABLES = {
+    "users": USER_COLUMNS,
+    "events": "id, tenant_name, event, data, timestamp",
+    "latest": "tenant_name, event, event_id",
+    "settings": "key, value",
+}
+EXPORT_PAGE = 5000  # events per page of a copy
 
 
 class StoreError(Exception):
@@ -108,6 +131,9 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
         conn.execute("PRAGMA synchronous = FULL")
+        # Checkpoints reuse the WAL from its start; this truncates it back after one that
+        # grew large (a burst, a long backup), so the WAL stays bounded on a small disk.
+        conn.execute("PRAGMA journal_size_limit = 16777216")
     return conn
 
 
@@ -137,6 +163,8 @@ class Store:
         self.writer: threading.Thread | None = None
         self.writer_conn: sqlite3.Connection | None = None
         self.reader_conns: list[sqlite3.Connection] = []
+        self.id_floor = 1  # the smallest id the next insert may take (see _start_id_range)
+        self.lock_fd: int | None = None
 
     @classmethod
     async def open(cls, path: str, on_commit: Callable[[list[Event]], None]) -> Store:
@@ -144,9 +172,15 @@ class Store:
         rather than silently starting over with an empty one."""
         store = cls(path, on_commit)
         try:
+            store.lock_fd = _lock_for_this_process(path)
+        except BaseException:
+            store.readers.shutdown()
+            raise
+        try:
             store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
             store.readers.shutdown()
+            os.close(store.lock_fd)  # type: ignore[arg-type]  # set just above
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, name="store-write",
                                         daemon=True)
@@ -157,12 +191,14 @@ class Store:
         conn = _connect(self.path)
         try:
             conn.executescript(SCHEMA)
+            _add_missing_columns(conn)
             # Touch every table: a damaged file fails here, at start, not at the first request.
-            for table in ("users", "events", "latest", "settings"):
+            for table in ("users", "events", "latest", "settings", "id_gaps", "pruned"):
                 conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+            self.id_floor = _start_id_range(conn)
         except BaseException:
             conn.close()
             raise
@@ -179,6 +215,9 @@ class Store:
             self.jobs.put(None)
             await self.loop.run_in_executor(None, self.writer.join)
             self.writer = None
+        if self.lock_fd is not None:  # after every connection: see _lock_for_this_process
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     # -- writes: one thread, group commit -----------------------------------------------
     async def _write(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -311,6 +350,14 @@ class Store:
         values = {k: _column_value(k, v) for k, v in changes.items()}
 
         def run(conn: sqlite3.Connection) -> User | None:
+            access = {k: v for k, v in values.items() if k in ("tenant_name", "scopes")}
+            if access:
+                # For the resume rule: when what the user's stream carries changes, no
+                # Last-Event-ID up to this one proves anything (see resume_page). Recorded in
+                # the change's own transaction, and only when a value really differs.
+                differs = " OR ".join(f"{column} <> ?" for column in access)
+                conn.execute(f"UPDATE users SET access_changed_at = ({NEWEST_ID}) "
+                             f"WHERE username = ? AND ({differs})", (username, *access.values()))
             if values:
                 assignments = ", ".join(f"{column} = ?" for column in values)
                 conn.execute(f"UPDATE users SET {assignments} WHERE username = ?",
@@ -320,14 +367,25 @@ class Store:
             return _user(row) if row else None
         return await self._write(run)
 
+    async def replace_password_hash(self, username: str, old_hash: str,
+                                    new_hash: str) -> User | None:
+        """Set the user's password hash to `new_hash` if it is still `old_hash` (a rehash
+        with new parameters must not undo a password change); the updated user, or None."""
+        def run(conn: sqlite3.Connection) -> User | None:
+            changed = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
+                (new_hash, username, old_hash)).rowcount
+            row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE username = ?",
+                               (username,)).fetchone()
+            return _user(row) if changed and row else None
+        return await self._write(run)
+
     # -- events -------------------------------------------------------------------------
     async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
         """Append an event; returns once it is committed (and published)."""
         def run(conn: sqlite3.Connection) -> Event:
             stamp = int(time.time())
-            cursor = conn.execute(
-                "INSERT INTO events (tenant_name, event, data, timestamp) VALUES (?, ?, ?, ?)",
-                (tenant_name, event, data, stamp))
+            cursor = conn.execute(INSERT_EVENT, (self.id_floor, tenant_name, event, data, stamp))
             event_id: int = cursor.lastrowid  # type: ignore[assignment]  # set by an INSERT
             conn.execute(
                 "INSERT INTO latest (tenant_name, event, event_id) VALUES (?, ?, ?) "
@@ -354,8 +412,135 @@ class Store:
         return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
                                                              (tenant_name, after_id, limit)))
 
+    async def resume_page(self, username: str, tenant_name: str, after_id: int,
+                          limit: int) -> tuple[list[Event], int] | None:
+        """As events_after, when the log proves that a client of `username` which has seen
+        `after_id` has seen everything of `tenant_name` up to it; None when it cannot
+        (the caller then sends the latest values). Proof and page share one snapshot."""
+        def run(conn: sqlite3.Connection) -> tuple[list[Event], int] | None:
+            conn.execute("BEGIN")
+            try:
+                proven = conn.execute(RESUME_PROOF, {"after": after_id, "tenant": tenant_name,
+                                                     "username": username}).fetchone()[0]
+                if not proven:
+                    return None
+                rows = conn.execute(EVENTS_AFTER, (tenant_name, after_id, limit)).fetchall()
+                newest = conn.execute(NEWEST_ID).fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+            return [Event(*row) for row in rows], newest
+        return await self._read(run)
+
+    async def prune(self, older_than: int, batch: int = 500) -> int:
+        """Delete up to `batch` events with a timestamp before `older_than` (Unix seconds),
+        never the newest of a name in a tenant (the `latest` table), oldest first. Raises
+        each tenant's horizon in `pruned` in the same transaction. Returns how many went;
+        call again until it returns less than `batch`."""
+        def run(conn: sqlite3.Connection) -> int:
+            doomed: list[tuple[int, str]] = []
+            # Ids follow time, so the scan stops at the first event young enough to keep;
+            # the only old rows it passes again and again are the kept latest values.
+            scan = conn.execute(PRUNE_SCAN)
+            for event_id, tenant, stamp, is_latest in scan:
+                if stamp >= older_than or len(doomed) == batch:
+                    break
+                if not is_latest:
+                    doomed.append((event_id, tenant))
+            scan.close()  # end the scan before deleting from the table it reads
+            conn.executemany("DELETE FROM events WHERE id = ?", [(i,) for i, _ in doomed])
+            horizons: dict[str, int] = {}
+            for event_id, tenant in doomed:
+                horizons[tenant] = max(event_id, horizons.get(tenant, 0))
+            conn.executemany(RAISE_HORIZON, horizons.items())
+            return len(doomed)
+        return await self._write(run)
+
+    # -- whole-database copies (broker migrate) -----------------------------------------
+    async def table_counts(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    for table in TABLES}
+        return await self._read(run)
+
+    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
+        """Every row of every table as (table, rows) pages, columns as in TABLES; users in
+        creation order, events in id order."""
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = "rowid" if table == "users" else "1, 2"
+                query = f"SELECT {columns} FROM {table} ORDER BY {order}"
+                yield table, await self._read(lambda conn, q=query: conn.execute(q).fetchall())
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+            while page := await self._read(lambda conn, q=query, a=after: conn.execute(
+                    q, (a, EXPORT_PAGE)).fetchall()):
+                yield table, page
+                after = page[-1][0]
+
+    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+        """Insert export_tables' pages (of any engine) into this empty database, ids kept:
+        new events get ids above them (a rowid continues from the largest)."""
+        async for table, rows in pages:
+            if not rows:
+                continue
+            if table == "users":
+                rows = [(*row[:3], int(row[3]), *row[4:]) for row in rows]
+            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
+                        f"({', '.join('?' * len(rows[0]))})"
+            await self._write(lambda conn, s=statement, r=rows: conn.executemany(s, r).rowcount)
+
+
+def _lock_for_this_process(path: str) -> int:
+    """Take an exclusive flock on the database file itself, held until the process exits
+    (or the Store closes): a second broker on the same file would not hear the first one's
+    inserts, so it is refused. The kernel drops the lock when the process dies, so a crash
+    never blocks the restart. SQLite locks with POSIX fcntl locks, which on Linux are
+    independent of flock, so readers beside the server (sqlite3, a backup) are not blocked.
+    The descriptor stays open while SQLite's connections are: closing any descriptor of the
+    file would drop this process's fcntl locks (a POSIX rule)."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:  # a read-only file: flock works on any descriptor
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"cannot open database {path!r}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"database {path!r} is in use by another broker process. One process owns a "
+            "SQLite file; to run several processes, use PostgreSQL: --db postgresql://...") \
+            from None
+    return fd
 
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
+# The id is the next after the newest, but at least the floor set at open: see _start_id_range.
+INSERT_EVENT = f"""
+    INSERT INTO events (id, tenant_name, event, data, timestamp)
+    VALUES (max(?, ({NEWEST_ID}) + 1), ?, ?, ?, ?)"""
+# Whether the log proves that a client holding `after` has seen all of the tenant up to it:
+# the id was issued here (not newer than the newest, not in a gap of ids never issued: a
+# restored backup, another database), the events after it were not pruned, the user's tenant
+# or scopes did not change at or after it, and it is not the id of another tenant's event
+# (which only a stream of that tenant could have sent).
+RESUME_PROOF = f"""
+    SELECT :after <= ({NEWEST_ID})
+       AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < :after
+                     ORDER BY after_id DESC LIMIT 1), 0) <= :after
+       AND coalesce((SELECT upto FROM pruned WHERE tenant_name = :tenant), 0) <= :after
+       AND coalesce((SELECT access_changed_at FROM users WHERE username = :username), -1)
+           < :after
+       AND coalesce((SELECT tenant_name FROM events WHERE id = :after), :tenant) = :tenant"""
+PRUNE_SCAN = """
+    SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e
+    LEFT JOIN latest l ON l.tenant_name = e.tenant_name AND l.event = e.event
+                      AND l.event_id = e.id
+    ORDER BY e.id"""
+RAISE_HORIZON = """
+    INSERT INTO pruned (tenant_name, upto) VALUES (?, ?)
+    ON CONFLICT (tenant_name) DO UPDATE SET upto = max(upto, excluded.upto)"""
 LATEST_OF_TENANT = """
     SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
     FROM latest l JOIN events e ON e.id = l.event_id
@@ -374,6 +559,31 @@ def _with_newest_id(conn: sqlite3.Connection, query: str,
     finally:
         conn.execute("COMMIT")
     return [Event(*row) for row in rows], newest
+
+
+def _start_id_range(conn: sqlite3.Connection) -> int:
+    """The floor for the ids of this run: the current time in microseconds, or the next id
+    when the log is ahead of that. The ids skipped over are recorded as never issued.
+
+    Why: after a restore from a backup (or a fresh database), the log may be behind ids that
+    clients have already seen, from a history that is lost. Since every run starts its ids
+    at the clock, such ids fall into a recorded gap (or beyond the newest), and those
+    clients are sent the latest values instead of a replay that would skip what changed.
+    16 digits today; JavaScript numbers hold them exactly until the year 2255."""
+    newest = conn.execute(NEWEST_ID).fetchone()[0]
+    floor = max(newest + 1, time.time_ns() // 1000)
+    if floor > newest + 1:
+        conn.execute("INSERT INTO id_gaps (after_id, before_id) VALUES (?, ?) "
+                     "ON CONFLICT (after_id) DO UPDATE SET "
+                     "before_id = max(before_id, excluded.before_id)", (newest, floor))
+    return floor
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Columns added since the first release, for databases made before them."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+    if "access_changed_at" not in columns:
+        conn.execute("ALTER TABLE users ADD COLUMN access_changed_at INTEGER")
 
 
 def _column_value(column: str, value: Any) -> Any:

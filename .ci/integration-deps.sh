@@ -3,6 +3,9 @@
 #   tests/test_npm_client.py  node + npm (on the machine), broker-client and esbuild from npm
 #   tests/test_browser.py     Debian's chromium, Playwright for Python (never `playwright install`)
 #   tests/test_proxy.py       Debian's nginx and caddy
+#   tests/test_postgres.py    Debian's postgresql (the tests run their own throwaway cluster;
+#                             the package's own cluster is not used), and the API and
+#                             stream tests on PostgreSQL
 # Sourced by .ci/run after the venv is activated. Idempotent and quick when everything is there.
 # A failed step only warns: the tests it serves then skip and say why.
 
@@ -13,6 +16,7 @@ _deps_apt() {
     [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" != 0 ]; then
         _deps_warn "not root, cannot apt-get install ${missing[*]}"

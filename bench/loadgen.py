@@ -122,7 +122,6 @@ def percentile(values: list[float], pct: float) -> float | None:
 class Group:
     """Shared state of the subscriber connections of one process."""
 
-    request: bytes
     last_frame: float = 0.0  # monotonic time of the last received frame, any connection
     closed_by_server: int = 0
     cpu_at_reset: float = 0.0
@@ -140,16 +139,19 @@ class SubscriberProtocol(asyncio.Protocol):
         "head",
         "probe",
         "ready",
+        "request",
         "samples",
         "status",
         "tail",
         "transport",
     )
 
-    def __init__(self, group: Group, ready: asyncio.Future, probe: bool) -> None:
+    def __init__(self, group: Group, ready: asyncio.Future, probe: bool,
+                 request: bytes) -> None:
         self.group = group
         self.ready = ready
         self.probe = probe
+        self.request = request
         self.transport: asyncio.Transport | None = None
         self.head = b""
         self.status = 0
@@ -161,7 +163,7 @@ class SubscriberProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.write(self.group.request)  # type: ignore[attr-defined]
+        transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.status != 200:
@@ -217,7 +219,7 @@ class SubscriberProtocol(asyncio.Protocol):
 
 
 async def open_stream(group: Group, host: str, port: int, probe: bool,
-                      gate: asyncio.Semaphore) -> SubscriberProtocol | str:
+                      gate: asyncio.Semaphore, request: bytes) -> SubscriberProtocol | str:
     """Open one stream; return it, or a short error description."""
     loop = asyncio.get_running_loop()
     error = "?"
@@ -226,7 +228,8 @@ async def open_stream(group: Group, host: str, port: int, probe: bool,
             ready = loop.create_future()
             try:
                 _, proto = await asyncio.wait_for(loop.create_connection(
-                    lambda ready=ready: SubscriberProtocol(group, ready, probe), host, port), CONNECT_TIMEOUT)
+                    lambda ready=ready: SubscriberProtocol(group, ready, probe, request), host,
+                    port), CONNECT_TIMEOUT)
                 status = await asyncio.wait_for(ready, CONNECT_TIMEOUT)
             except (TimeoutError, OSError, ConnectionError) as exc:
                 error = type(exc).__name__
@@ -246,14 +249,18 @@ def probe_positions(total: int, probes: int) -> set[int]:
     return {round(i * (total - 1) / max(1, probes - 1)) for i in range(probes)}
 
 
-async def _subscriber(conn: Connection, channel: Channel, total: int, probes: int,
+async def _subscriber(conn: Connection, channels: tuple[Channel, ...], total: int, probes: int,
                       concurrency: int, loop_name: str) -> None:
-    group = Group(channel.sse_request())
+    """Stream i subscribes as channels[i % len(channels)] (several users of one tenant)."""
+    requests = [channel.sse_request() for channel in channels]
+    host, port = channels[0].host, channels[0].port
+    group = Group()
     gate = asyncio.Semaphore(concurrency)
     chosen = probe_positions(total, probes)
     started = time.monotonic()
-    opened = await asyncio.gather(*(open_stream(group, channel.host, channel.port, i in chosen,
-                                                gate) for i in range(total)))
+    opened = await asyncio.gather(*(open_stream(group, host, port, i in chosen, gate,
+                                                requests[i % len(requests)])
+                                    for i in range(total)))
     group.streams = [s for s in opened if isinstance(s, SubscriberProtocol)]
     errors: dict[str, int] = {}
     for item in opened:
@@ -299,12 +306,13 @@ def collect(group: Group, loop_name: str) -> dict:
             "loop": loop_name}
 
 
-def subscriber_main(conn: Connection, channel: Channel, total: int, probes: int,
-                    concurrency: int) -> None:
+def subscriber_main(conn: Connection, channel: Channel | tuple[Channel, ...], total: int,
+                    probes: int, concurrency: int) -> None:
     """Process entry point: hold `total` streams and answer the orchestrator's commands."""
     raise_fd_limit()
     loop_name = use_fast_loop()
-    asyncio.run(_subscriber(conn, channel, total, probes, concurrency, loop_name))
+    channels = channel if isinstance(channel, tuple) else (channel,)
+    asyncio.run(_subscriber(conn, channels, total, probes, concurrency, loop_name))
 
 
 # -- publishers ---------------------------------------------------------------------------------

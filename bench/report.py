@@ -220,6 +220,27 @@ def connects_section(results: dict) -> str:
                "server CPU %", "client CPU %"], rows)])
 
 
+def scopes_section(results: dict) -> str:
+    section = results.get("scopes")
+    if not section:
+        return ""
+    rows = [[name, r["subscribers"], r["off"]["deliveries_per_s"], r["on"]["deliveries_per_s"],
+             f"{r['on_vs_off']:.2f}×", f"{r['median_on_vs_off']:.2f}×", r["off"]["p99_ms"],
+             r["on"]["p99_ms"], r["off"]["lost"] + r["on"]["lost"], len(r["runs"]["on"])]
+            for name, r in section.items()]
+    first = next(iter(section.values()))
+    groups = ", ".join("`" + " ".join(scopes) + "`" for scopes in first["groups"])
+    return "\n".join([
+        "## 6. Fan-out with `--enforce_scopes`: subscribers in four permission groups\n",
+        from_earlier(results, "scopes"),
+        (f"One tenant, its subscribers spread over users with the scopes {groups} (each may "
+         "read the published `bench` events, so both runs deliver the same frames); fresh "
+         "servers without and with `--enforce_scopes`, alternately; the best run of each, "
+         "and the ratio of the median runs.\n"),
+        table(["server", "subscribers", "off deliveries/s", "on deliveries/s", "on ÷ off",
+               "median on ÷ off", "off p99 ms", "on p99 ms", "lost", "rounds"], rows)])
+
+
 def headline(results: dict) -> str:
     """The numbers the issue's targets are stated in, with the ratios."""
     ref = reference(results)
@@ -263,7 +284,7 @@ def markdown(results: dict) -> str:
          "absolute numbers. How each scenario works: bench/README.md.\n"),
         "## Machine\n", machine_section(results), headline(results), fanout_section(results),
         latency_section(results), memory_section(results), inserts_section(results),
-        connects_section(results), steady_section(results)]
+        connects_section(results), scopes_section(results), steady_section(results)]
     return "\n".join(part for part in parts if part).rstrip() + "\n"
 
 

@@ -28,14 +28,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from statistics import median
 from typing import Self
 
 import loadgen
 from loadgen import Channel, PublishPlan, percentile
-from servers import ALL_SERVERS, Server, nginx_version, server_factories
+from servers import ALL_SERVERS, PG_SERVERS, Broker, Server, nginx_version, server_factories
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "steady"]
+SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "scopes", "steady"]
+# The permission groups of the scopes scenario: different scopes, but each may read "bench".
+SCOPE_GROUPS = [["bench:get"], ["b*:get"], ["*:get"], ["bench:get", "news:get"]]
 SPAWN = mp.get_context("spawn")
 
 
@@ -70,11 +73,16 @@ class Settings:
     drain_stall: float = 5.0  # give up waiting for deliveries after this long without progress
     drain_timeout: float = 120.0
     pad: int = 48  # bytes of padding in each event's data (the event is about 100 bytes)
+    scopes_subscribers: int = 1000  # spread over the SCOPE_GROUPS
+    scopes_deliveries: int = 5_000_000  # per run: long enough for a stable rate
+    scopes_rounds: int = 3  # fresh servers with --enforce_scopes off, then on, this many times
 
 
 QUICK = Settings(fanout_sizes=[100, 1000], fanout_deliveries=100_000, fanout_max_seconds=10,
-                 latency_seconds=3, steady_subscribers=2000, steady_seconds=3, memory_sizes=[1000, 2000], insert_seconds=2,
-                 connect_total=300, connect_max_seconds=5, drain_timeout=30)
+                 latency_seconds=3, steady_subscribers=2000, steady_seconds=3,
+                 memory_sizes=[1000, 2000], insert_seconds=2,
+                 connect_total=300, connect_max_seconds=5, drain_timeout=30,
+                 scopes_deliveries=500_000, scopes_rounds=1)
 
 
 def log(message: str) -> None:
@@ -106,7 +114,8 @@ def run_process(target: Callable, *args: object, timeout: float = 300.0) -> dict
 class Subscribers:
     """`total` SSE streams held by `settings.sub_procs` processes."""
 
-    def __init__(self, channel: Channel, total: int, settings: Settings, probes: int) -> None:
+    def __init__(self, channel: Channel | tuple[Channel, ...], total: int, settings: Settings,
+                 probes: int) -> None:
         procs = max(1, min(settings.sub_procs, total))
         shares = [total // procs + (i < total % procs) for i in range(procs)]
         gate = max(1, settings.connect_gate // procs)
@@ -181,11 +190,12 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
-def fanout(server: Server, subscribers: int, events: int, rate: float,
-           settings: Settings) -> dict:
-    """Publish `events` to `subscribers` streams of one tenant; deliveries/s, latency, loss."""
-    channel = server.new_channel()
-    with Subscribers(channel, subscribers, settings, settings.probes) as subs:
+def fanout(server: Server, subscribers: int, events: int, rate: float, settings: Settings,
+           channels: tuple[Channel, tuple[Channel, ...]] | None = None) -> dict:
+    """Publish `events` to `subscribers` streams of one tenant; deliveries/s, latency, loss.
+    `channels`: the publisher's, and those the streams take turns with (one by default)."""
+    channel, streams = channels or (server.new_channel(),) * 2
+    with Subscribers(streams, subscribers, settings, settings.probes) as subs:
         subs.ask("reset")
         cpu_before = server.cpu_seconds()
         plan = PublishPlan(channel, events, settings.fanout_publishers, rate,
@@ -338,8 +348,8 @@ def profiled(server: Server, out_dir: str | None, name: str) -> Iterator[None]:
 
 def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
                settings: Settings, results: dict, profile_dir: str | None = None) -> None:
-    """Scenarios 1, 2, 4 and 5 on one server process (memory gets fresh ones)."""
-    wanted = [s for s in scenarios if s != "memory"]
+    """Scenarios 1, 2, 4 and 5 on one server process (memory and scopes get fresh ones)."""
+    wanted = [s for s in scenarios if s not in ("memory", "scopes")]
     if not wanted:
         return
     server = factory().start()
@@ -403,6 +413,37 @@ def run_memory(name: str, factory: Callable[[], Server], settings: Settings,
             f"event delivered to {row['event_delivered_to']}")
 
 
+def scopes(factory: Callable[[], Server], settings: Settings,
+           profile_dir: str | None = None) -> dict:
+    """Fan-out to subscribers of one tenant in the four SCOPE_GROUPS, on fresh servers with
+    --enforce_scopes off and on, alternately; the best run of each, and on ÷ off of the
+    best and of the median runs."""
+    size = settings.scopes_subscribers
+    events = max(10, settings.scopes_deliveries // size)
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(settings.scopes_rounds):
+        for mode, rows in runs.items():
+            server = factory()
+            assert isinstance(server, Broker)
+            if mode == "on":
+                server.extra_args = [*server.extra_args, "--enforce_scopes"]
+            server.start()
+            try:
+                channels = server.scoped_channels(SCOPE_GROUPS)
+                with profiled(server, profile_dir, f"scopes-{mode}"):
+                    rows.append(fanout(server, size, events, 0, settings, channels))
+            finally:
+                server.stop()
+            log(f"  enforcement {mode}: {rows[-1]['deliveries_per_s']:,} deliveries/s, "
+                f"lost {rows[-1]['lost']}")
+    rates = {mode: [row["deliveries_per_s"] for row in rows] for mode, rows in runs.items()}
+    best = {mode: max(rows, key=lambda row: row["deliveries_per_s"])
+            for mode, rows in runs.items()}
+    return {"groups": SCOPE_GROUPS, "subscribers": size, **best, "runs": runs,
+            "on_vs_off": round(max(rates["on"]) / max(max(rates["off"]), 1), 3),
+            "median_on_vs_off": round(median(rates["on"]) / max(median(rates["off"]), 1), 3)}
+
+
 def machine() -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as info:
@@ -464,7 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="broker benchmark (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="short smoke run with small sizes")
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
-                        help="comma-separated, from: " + ", ".join(ALL_SERVERS))
+                        help="comma-separated, from: " + ", ".join(ALL_SERVERS + PG_SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated, from: " + ", ".join(SCENARIOS))
     parser.add_argument("--fanout-sizes", help="subscriber counts, e.g. 100,1000,5000")
@@ -523,6 +564,13 @@ def main(argv: list[str] | None = None) -> None:
         run_server(name, factory, scenarios, settings, results, args.py_spy)
         if "memory" in scenarios:
             run_memory(name, factory, settings, results)
+        if "scopes" in scenarios and name.startswith("broker"):
+            log(f"{name}: fan-out to {settings.scopes_subscribers} subscribers in "
+                f"{len(SCOPE_GROUPS)} permission groups, --enforce_scopes off vs on")
+            results["scopes"][name] = scopes(factory, settings, args.py_spy)
+            row = results["scopes"][name]
+            log(f"  on ÷ off: {row['on_vs_off']:.2f} (best runs), "
+                f"{row['median_on_vs_off']:.2f} (median runs)")
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started)
     if args.merge:

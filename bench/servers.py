@@ -28,6 +28,9 @@ from loadgen import Channel, basic_header
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' throwaway PostgreSQL cluster
+from pg_cluster import Postgres, postgres_bin
+
 HOST = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
@@ -204,13 +207,16 @@ class Broker(Server):
                 # with worker_connections); flags in --broker-args come later and win.
                 "--max_connections", "19000", *self.extra_args]
 
-    def new_user(self) -> tuple[str, str]:
-        """A user in a tenant of its own; returns (username, jwt)."""
-        self.tenants += 1
+    def new_user(self, tenant: str | None = None,
+                 scopes: list[str] | None = None) -> tuple[str, str]:
+        """A user, by default in a tenant of its own; returns (username, jwt)."""
+        if tenant is None:
+            self.tenants += 1
+            tenant = f"bench_tenant_{self.tenants}"
         username = f"bench{self.tenants}_{secrets.token_hex(4)}"
         status, body = self.post_json("/create_user", {
             "username": username, "password": self.password, "admin_token": self.admin_token,
-            "tenant_name": f"bench_tenant_{self.tenants}", "scopes": []})
+            "tenant_name": tenant, "scopes": scopes or []})
         if status != 200:
             raise RuntimeError(f"create_user: {status} {body!r}")
         status, body = self.post_json("/login", {"username": username,
@@ -224,6 +230,77 @@ class Broker(Server):
         bearer = ("Authorization", f"Bearer {jwt}")
         pub = basic_header(username, self.password) if auth == "basic" else bearer
         return Channel(HOST, self.port, "/sse", (bearer,), "/insert", (pub,), True)
+
+
+    def scoped_channels(self, groups: list[list[str]]) -> tuple[Channel, tuple[Channel, ...]]:
+        """One fresh tenant with a publisher that may post every event, and one subscriber
+        user per scope list: (the publisher's channel, a channel per subscriber user)."""
+        self.tenants += 1
+        tenant = f"bench_tenant_{self.tenants}"
+        bearer = ("Authorization", f"Bearer {self.new_user(tenant, ['*:post'])[1]}")
+        publisher = Channel(HOST, self.port, "/sse", (bearer,), "/insert", (bearer,), True)
+        return publisher, tuple(
+            Channel(HOST, self.port, "/sse", (("Authorization", f"Bearer {jwt}"),))
+            for _, jwt in (self.new_user(tenant, scopes) for scopes in groups))
+
+
+class BrokerPg(Broker):
+    """broker on PostgreSQL: `processes` broker processes sharing one port (--reuse_port) and
+    one database of a throwaway cluster with fsync on (inserts are as durable as on SQLite).
+    The server's CPU and memory include PostgreSQL's processes."""
+
+    def __init__(self, name: str, loop: str, extra_args: list[str] | None,
+                 processes: int = 1) -> None:
+        super().__init__(name, loop, extra_args)
+        self.processes = processes
+        self.cluster: Postgres | None = None
+        self.url = ""
+        self.others: list[subprocess.Popen] = []
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError:
+            return False
+        return postgres_bin() is not None
+
+    def command(self) -> list[str]:
+        args = super().command()
+        args[args.index("--db") + 1] = self.url
+        return args + (["--reuse_port"] if self.processes > 1 else [])
+
+    def start(self, timeout: float = 20.0) -> Server:
+        self.cluster = Postgres(postgres_bin(), durable=True)  # type: ignore[arg-type]
+        self.url = self.cluster.new_database()
+        super().start(timeout)  # the first process; it creates the schema
+        for _ in range(self.processes - 1):
+            # --log_level info (the later flag wins) to see when it listens.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+            proc = subprocess.Popen([*self.command(), "--log_level", "info"], cwd=ROOT, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            self.others.append(proc)
+            for line in proc.stderr:  # type: ignore[union-attr]
+                if "listening on" in line:
+                    break
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+        return self
+
+    def pids(self) -> list[int]:
+        pids = [*super().pids(), *(proc.pid for proc in self.others)]
+        if self.cluster is not None:
+            postmaster = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+            pids += [postmaster, *children(postmaster)]
+        return pids
+
+    def stop(self) -> None:
+        for proc in self.others:
+            proc.terminate()
+            proc.wait(10)
+        super().stop()
+        if self.cluster is not None:
+            self.cluster.remove()
 
 
 class StarlettePeer(Server):
@@ -289,6 +366,7 @@ def nginx_version() -> str:
 
 
 ALL_SERVERS = ["broker", "broker-asyncio", "starlette", "nchan"]
+PG_SERVERS = ["broker-pg", "broker-pg2"]  # on request only (--servers): docs/scaling.md
 
 
 def server_factories(names: list[str], nchan_workers: int = 0,
@@ -297,13 +375,19 @@ def server_factories(names: list[str], nchan_workers: int = 0,
 
     "broker" runs on uvloop when it is installed (what `pip install broker[fast]` gives),
     "broker-asyncio" on the standard loop; without uvloop only "broker" (on asyncio) remains.
+    "broker-pg" is one broker process on PostgreSQL, "broker-pg2" two processes on one port
+    and one database (when PostgreSQL and asyncpg are installed).
     """
     fast = uvloop_installed()
     kinds: dict[str, Callable[[], Server]] = {
         "broker": lambda: Broker("broker", "uvloop" if fast else "asyncio", broker_args),
         "broker-asyncio": lambda: Broker("broker-asyncio", "asyncio", broker_args),
+        "broker-pg": lambda: BrokerPg("broker-pg", "uvloop" if fast else "asyncio", broker_args),
+        "broker-pg2": lambda: BrokerPg("broker-pg2", "uvloop" if fast else "asyncio",
+                                       broker_args, processes=2),
         "starlette": StarlettePeer,
         "nchan": lambda: Nchan(nchan_workers),
     }
-    available = {"broker-asyncio": fast, "nchan": Nchan.available()}
+    available = {"broker-asyncio": fast, "nchan": Nchan.available(),
+                 "broker-pg": BrokerPg.available(), "broker-pg2": BrokerPg.available()}
     return {name: kinds[name] for name in names if available.get(name, True)}

@@ -39,7 +39,8 @@ def broker_frames(count: int) -> list[bytes]:
 def feed(stream: bytes, sizes: list[int], probe: bool, seed: int) -> SubscriberProtocol:
     loop = asyncio.new_event_loop()
     try:
-        proto = SubscriberProtocol(Group(b"GET / HTTP/1.1\r\n\r\n"), loop.create_future(), probe)
+        proto = SubscriberProtocol(Group(), loop.create_future(), probe,
+                                   b"GET / HTTP/1.1\r\n\r\n")
         proto.connection_made(FakeTransport())  # type: ignore[arg-type]
         rng = random.Random(seed)
         at = 0

@@ -1,4 +1,5 @@
-"""Test harness: a real broker process on a loopback port, with a real SQLite file.
+"""Test harness: a real broker process on a loopback port, with a real SQLite file, or a
+database of a throwaway PostgreSQL cluster that the tests start themselves (`postgres`).
 
 Nothing here is mocked. `server` starts `python -m broker` on port 0, reads the port it
 chose from its log, and speaks HTTP to it over real sockets. `SSE` is a tiny raw-socket
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pg_cluster import Postgres, postgres_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "test-admin-token"
@@ -44,7 +47,7 @@ class Server:
 
     tmp: Path
     extra_args: list[str] = field(default_factory=list)
-    db: Path = None  # type: ignore[assignment]
+    db: Path = None  # type: ignore[assignment]  # or a postgresql:// URL (a str)
     port: int = 0
     proc: subprocess.Popen | None = None
     log_lines: list[str] = field(default_factory=list)
@@ -278,20 +281,68 @@ def parse_frame(raw: bytes) -> Frame:
     return Frame(int(ident) if ident else None, fields.get("event"), fields.get("data"), raw)
 
 
+# -- PostgreSQL: a throwaway cluster for the session, a fresh database per test ------------
+
+# Test modules whose `server` runs on both engines (the others run on SQLite only).
+BOTH_ENGINES = {"test_api", "test_stream", "test_stream_accounts"}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    bindir = postgres_bin()
+    message = ""
+    if bindir is None:
+        message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+    elif importlib.util.find_spec("asyncpg") is None:
+        message = "asyncpg is not installed (pip install '.[test,postgres]')"
+    if message:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI must run the PostgreSQL tests")
+        pytest.skip(message)
+    cluster = Postgres(bindir)
+    yield cluster
+    cluster.remove()
+
+
+def pytest_generate_tests(metafunc):
+    if "engine" in metafunc.fixturenames and metafunc.module.__name__ in BOTH_ENGINES:
+        metafunc.parametrize("engine", ENGINES, indirect=True)
+
+
 @pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path).start()
+def engine(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+ENGINES = ["sqlite", "postgres"]
+
+
+def database_for(request, engine: str, tmp: Path) -> Path | str:
+    """A SQLite path in `tmp`, or the URL of a fresh PostgreSQL database."""
+    if engine == "postgres":
+        return request.getfixturevalue("postgres").new_database()
+    return tmp / "broker.db"
+
+
+@pytest.fixture
+def database(engine, request, tmp_path):
+    return database_for(request, engine, tmp_path)
+
+
+@pytest.fixture
+def server(tmp_path, database):
+    srv = Server(tmp_path, db=database).start()
     yield srv
     srv.kill()
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(tmp_path, database):
     """A factory for servers with extra command-line arguments."""
     started: list[Server] = []
 
-    def make(*args: str, db: Path | None = None) -> Server:
-        srv = Server(tmp_path, list(args), db=db).start()
+    def make(*args: str, db: Path | str | None = None) -> Server:
+        srv = Server(tmp_path, list(args), db=db or database).start()
         started.append(srv)
         return srv
 

@@ -7,6 +7,7 @@ signature of issued tokens and craft their own: expired, wrong issuer, other alg
 from __future__ import annotations
 
 import base64
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from api_support import (
     forge,
     unique,
     unsigned_token,
+    wait_for_log,
 )
 from conftest import ADMIN, Response, Server, basic, bearer
 
@@ -174,3 +176,48 @@ def test_revoked_user_credentials_are_401(srv: Server, endpoint: str) -> None:
     assert_unauthorized(call(srv, endpoint, bearer(token)))
     assert_unauthorized(call(srv, endpoint, basic(name, COLON_PASSWORD)))
     assert_error(srv.post("/login", {"username": name, "password": COLON_PASSWORD}), 401)
+
+
+# -- Argon2 parameters (issue 10) --------------------------------------------------------------
+
+def stored_hash(srv: Server, username: str) -> str:
+    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT password_hash FROM users WHERE username = ?",
+                            (username,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_default_argon2_parameters_are_owasps(srv: Server) -> None:
+    name = unique("owasp")
+    assert srv.create_user(name).status == 200
+    assert stored_hash(srv, name).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+
+
+@pytest.mark.parametrize("how", ["login", "basic"])
+def test_hash_is_upgraded_at_the_next_login_after_a_parameter_change(tmp_path, how) -> None:
+    old = ["--argon2_memory_kib", "8192", "--argon2_time_cost", "1", "--argon2_parallelism", "2"]
+    srv = Server(tmp_path, old).start()
+    try:
+        name = unique("upgrade")
+        assert srv.create_user(name, "an old password 1").status == 200
+        assert stored_hash(srv, name).startswith("$argon2id$v=19$m=8192,t=1,p=2$")
+        token = srv.login(name, "an old password 1")
+        srv.extra_args = ["--argon2_memory_kib", "9000", "--argon2_time_cost", "2"]
+        srv.restart()
+        # A wrong password changes nothing; the old hash still verifies the right one.
+        assert srv.post("/login", {"username": name, "password": "wrong one 1"}).status == 401
+        assert stored_hash(srv, name).startswith("$argon2id$v=19$m=8192,t=1,p=2$")
+        if how == "login":
+            new_token = srv.login(name, "an old password 1")
+            assert srv.get("/verify", headers=bearer(new_token)).status == 200
+        else:
+            assert srv.get("/verify", headers=basic(name, "an old password 1")).status == 200
+        assert stored_hash(srv, name).startswith("$argon2id$v=19$m=9000,t=2,p=1$")
+        wait_for_log(srv, "rehashed the password of")
+        # The same password: tokens issued before the rehash stay valid, and it logs in.
+        assert srv.get("/verify", headers=bearer(token)).status == 200
+        assert srv.login(name, "an old password 1")
+    finally:
+        srv.kill()

@@ -93,6 +93,19 @@ def test_systemd_unit_verifies(tmp_path: Path):
     assert "broker.service" not in result.stderr, result.stderr
 
 
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_backup_units_verify(tmp_path: Path):
+    service = (ROOT / "broker-backup.service").read_text()
+    assert "User=broker" in service and "broker backup" in service
+    (tmp_path / "broker-backup.service").write_text(service)
+    (tmp_path / "broker-backup.timer").write_text((ROOT / "broker-backup.timer").read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "broker-backup.timer"),
+                             str(tmp_path / "broker-backup.service")],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "broker-backup" not in result.stderr, result.stderr
+
+
 def failed_logins(srv, count: int, forwarded_for: str) -> list[int]:
     headers = {"X-Forwarded-For": f"203.0.113.9, {forwarded_for}"}
     return [srv.post("/login", {"username": f"nobody{i}", "password": "wrong-password"},
@@ -160,3 +173,17 @@ def test_tls_serves_the_api_and_the_stream(make_server, certificate):
         except ConnectionResetError:
             reply = b""
         assert b"200 OK" not in reply
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_systemd_template_for_several_processes_verifies(tmp_path: Path):
+    script = Path(sys.executable).parent / "broker"
+    assert script.exists(), "the broker console script is not installed in this environment"
+    unit = (ROOT / "broker@.service").read_text()
+    assert "Environment=BROKER_REUSE_PORT=1" in unit and "StateDirectory" not in unit
+    (tmp_path / "broker@.service").write_text(unit.replace("/usr/local/bin/broker", str(script)))
+    for name in ("broker@.service", "broker@1.service", "broker@3.service"):
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                                check=False, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "broker@" not in result.stderr, result.stderr

@@ -3,12 +3,16 @@ SIGKILL right after a run of acknowledged inserts."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
 from api_support import unique
-from conftest import ADMIN, Server, bearer
+from conftest import ADMIN, ROOT, Server, bearer
 
 PASSWORD = "correct horse 1"
 
@@ -109,3 +113,54 @@ def test_sigkill_after_acknowledged_inserts_loses_nothing(server: Server, writer
     finally:
         stream.close()
     assert replayed == sorted((event_id, event) for event, (event_id, _) in acked.items())
+
+
+def run_broker(args: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """A broker that is expected to refuse to start: its exit status and log."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    return subprocess.run([sys.executable, "-m", "broker", "--host", "127.0.0.1",
+                           "--port", "0", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_a_second_broker_on_the_same_sqlite_file_is_refused(server: Server) -> None:
+    auth = server.user(unique("owner"))
+    first = server.insert(auth, "before", 1).json()["id"]
+    second = run_broker(["--db", str(server.db)])
+    assert second.returncode == 1, second.stderr
+    assert "in use by another broker" in second.stderr
+    assert "postgresql://" in second.stderr
+    assert "Traceback" not in second.stderr
+    # The owner did not notice: it still inserts and serves.
+    assert server.insert(auth, "after", 2).json()["id"] > first
+
+
+def test_reads_and_a_backup_beside_the_running_server_work(server: Server, tmp_path) -> None:
+    auth = server.user(unique("reader"))
+    event_id = server.insert(auth, "kept", {"v": 1}).json()["id"]
+    reader = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)
+    try:
+        assert reader.execute("SELECT max(id) FROM events").fetchone()[0] == event_id
+        copy = sqlite3.connect(tmp_path / "backup.db")
+        reader.backup(copy)
+        assert copy.execute("SELECT data FROM events WHERE id = ?",
+                            (event_id,)).fetchone()[0] == '{"v":1}'
+        copy.close()
+    finally:
+        reader.close()
+    assert server.insert(auth, "after", 2).status == 200  # the server's writes go on
+
+
+def test_a_killed_owner_does_not_block_the_restart(server: Server) -> None:
+    name = unique("crash")
+    event_id = server.insert(server.user(name), "kept", 1).json()["id"]
+    server.stop(signal.SIGKILL)  # the kernel releases the lock with the process
+    server.start()
+    assert server.insert(bearer(server.login(name)), "next", 2).json()["id"] > event_id
+
+
+def test_reuse_port_is_refused_on_sqlite(tmp_path) -> None:
+    result = run_broker(["--db", str(tmp_path / "x.db"), "--reuse_port"])
+    assert result.returncode == 2
+    assert "--reuse_port needs PostgreSQL" in result.stderr
+    assert not (tmp_path / "x.db").exists()

@@ -363,3 +363,40 @@ def test_events_pass_through_caddy_at_once_and_tokens_stay_out_of_its_log(
     access = read(log)
     assert access.count('"uri":"/sse') == 2, access
     assert token not in access and "access_token" not in access, access
+
+
+SCALING = DOCS / "nginx-scaling.conf"
+
+
+@needs_nginx
+def test_several_processes_on_postgresql_behind_nginx(tmp_path, proxies, postgres):
+    """docs/nginx-scaling.conf in front of three brokers on one database: streams spread over
+    the processes, and each one gets every event inserted through nginx, in order."""
+    url = postgres.new_database()
+    brokers = [Server(tmp_path, db=url).start() for _ in range(3)]  # type: ignore[arg-type]
+    try:
+        upstream = SCALING.read_text()
+        assert upstream.strip() in (DOCS / "scaling.md").read_text(), \
+            "docs/scaling.md must show nginx-scaling.conf as is"
+        for documented, broker in zip(("8081", "8082", "8083"), brokers):
+            upstream = substitute(upstream, f"127.0.0.1:{documented};",
+                                  f"127.0.0.1:{broker.port};")
+        port = free_port()
+        block = f"{upstream}\n    server {{ listen 127.0.0.1:{port};\n" \
+                "        include snippets/broker-locations.conf; }"
+        via = through(brokers[0], start_nginx(tmp_path / "nginx", block, locations(), port,
+                                              proxies))
+        auth = via.user("scaled")
+        streams = [via.sse(auth) for _ in range(3)]
+        warm = via.insert(auth, "warm", 0).json()["id"]  # each stream has read its sync
+        assert all(stream.next().id == warm for stream in streams)
+        ids = [via.insert(auth, "n", n).json()["id"] for n in range(20)]
+        for stream in streams:
+            assert [stream.next().id for _ in ids] == ids
+            stream.close()
+        # least_conn sent each open stream to another process.
+        assert all("GET /sse 200" in broker.log for broker in brokers), \
+            [broker.log.count("/sse") for broker in brokers]
+    finally:
+        for broker in brokers:
+            broker.kill()

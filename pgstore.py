@@ -1,0 +1,482 @@
+"""PostgreSQL storage for broker: the interface of store.Store, for several broker processes
+sharing one database (`--db postgresql://...`). Needs asyncpg: pip install 'broker[postgres]'.
+
+PostgreSQL is both the shared store and the bus between processes:
+- Inserts are group-committed, as on SQLite: every insert queued while the previous batch
+  was committing goes into the next transaction, which ends with ONE `pg_notify`.
+- A process never publishes what it committed itself. Every process, on a notification, on
+  its own commit, after (re)connecting, and every SAFETY_NET seconds, reads the events with
+  id > the last one it published, from the table, in id order, and hands them to on_commit
+  (Hub.publish). One path for every event: large ones (a NOTIFY payload holds ~8 kB),
+  notifications lost while the listening connection was down, and this process's own.
+- Commit order = id order. Ids come from a sequence, and with concurrent writers a
+  transaction that drew id 7 can commit after the one that drew id 8: a reader that saw 8
+  and moved its "after" mark past it would never see 7. So each batch transaction takes the
+  transaction-level advisory lock COMMIT_ORDER_LOCK before it draws ids; the lock is held
+  until its commit (and released only after the commit is visible). Batches of all processes
+  therefore draw ids and commit one after the other, and the committed ids are always a
+  prefix of the sequence. The cost: one batch commits at a time across the whole cluster of
+  processes, so the insert rate is (events per batch) / (one batch's round trips + fsync).
+  Group commit keeps that high (docs/scaling.md has the numbers); user and setting writes do
+  not take the lock, since no resume depends on their order.
+- Account changes (update_user) send a notification on ACCOUNTS_CHANNEL in their
+  transaction; every process then re-reads the user and drops its cached credentials
+  (on_account_change). After a reconnect of the listening connection, every cached account
+  is re-read, since notifications may have been missed.
+
+Errors: a database that is down or unreachable raises StoreError (broker answers 503 with
+Retry-After); the background tasks retry by themselves until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from store import (
+    EXPORT_PAGE,
+    MAX_BATCH,
+    TABLES,
+    UPDATABLE,
+    USER_COLUMNS,
+    Event,
+    StoreError,
+    User,
+    UsernameTaken,
+    _column_value,
+)
+
+log = logging.getLogger("broker.pgstore")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    revoked BOOLEAN NOT NULL DEFAULT false,
+    tenant_name TEXT NOT NULL,
+    email TEXT,
+    scopes TEXT NOT NULL,              -- JSON array of strings
+    data TEXT,                         -- JSON, or NULL
+    tokens_valid_after BIGINT NOT NULL DEFAULT 0,
+    seq BIGSERIAL                      -- creation order, for list_users (SQLite's rowid)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id BIGSERIAL PRIMARY KEY,          -- committed in id order: see COMMIT_ORDER_LOCK
+    tenant_name TEXT NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT NOT NULL,                -- compact JSON text, byte for byte (not jsonb)
+    timestamp BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_name, id);
+CREATE TABLE IF NOT EXISTS latest (
+    tenant_name TEXT NOT NULL,
+    event TEXT NOT NULL,
+    event_id BIGINT NOT NULL,
+    PRIMARY KEY (tenant_name, event)
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Advisory lock keys: arbitrary constants, the same in every broker process.
+SCHEMA_LOCK = 0x62726F6B657201  # "broker" 01: schema setup, when processes start at once
+COMMIT_ORDER_LOCK = 0x62726F6B657202  # "broker" 02: one event batch commits at a time
+EVENTS_CHANNEL = "broker_events"
+ACCOUNTS_CHANNEL = "broker_accounts"
+POOL_SIZE = 8  # connections per process, besides the listening one
+SAFETY_NET = 2.0  # seconds: read the log and check the listening connection this often
+PUBLISH_WAIT = 5.0  # longest an insert waits to be published before it is answered anyway
+CATCH_UP_PAGE = 500
+TIMEOUT = 10.0  # seconds for a connection or a statement
+# What a database that is down, restarting or unreachable raises.
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
+EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
+# A batch transaction in three round trips: begin and take the commit-order lock; one
+# statement that inserts the events, updates `latest` and notifies; commit. It returns the ids
+# and `prior`, the newest id committed before this batch (the statement's snapshot is taken
+# after the lock was granted, so it sees every earlier batch).
+BEGIN_IN_COMMIT_ORDER = f"BEGIN; SELECT pg_advisory_xact_lock({COMMIT_ORDER_LOCK})"
+INSERT_EVENTS = """
+    WITH prior AS (SELECT coalesce(max(id), 0) AS id FROM events),
+    inserted AS (
+        INSERT INTO events (tenant_name, event, data, timestamp)
+        SELECT t, e, d, $4 FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
+            AS batch(t, e, d, n)
+        ORDER BY n
+        RETURNING id, tenant_name, event),
+    upsert AS (
+        INSERT INTO latest (tenant_name, event, event_id)
+        SELECT DISTINCT ON (tenant_name, event) tenant_name, event, id FROM inserted
+        ORDER BY tenant_name, event, id DESC
+        ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id)
+    SELECT id, (SELECT id FROM prior), (SELECT pg_notify($5, '')) FROM inserted"""
+EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+# Sync reads: the events and the newest id of the whole log in ONE statement, so in one
+# snapshot and one round trip (one row of NULL events when there are none).
+LATEST_OF_TENANT = """
+    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
+        SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
+        FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1) e ON true
+    ORDER BY e.id"""
+EVENTS_AFTER = f"""
+    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
+        SELECT {EVENT_COLUMNS} FROM events
+        WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON true
+    ORDER BY e.id"""
+
+AccountHook = Callable[[str | None], Awaitable[None]]
+
+
+def _user(row: asyncpg.Record) -> User:
+    return User(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]),
+                None if row[7] is None else json.loads(row[7]), row[8])
+
+
+class _Insert:
+    __slots__ = ("data", "event", "future", "tenant_name")
+
+    def __init__(self, tenant_name: str, event: str, data: str, future: asyncio.Future) -> None:
+        self.tenant_name = tenant_name
+        self.event = event
+        self.data = data
+        self.future = future
+
+
+class PgStore:
+    """Open with `await PgStore.open(url, on_commit, on_account_change)`. on_commit(events)
+    gets every committed event of every process once, in id order; on_account_change(name)
+    is awaited after another (or this) process changed that user, with None when changes
+    may have been missed."""
+
+    def __init__(self, url: str, on_commit: Callable[[list[Event]], None],
+                 on_account_change: AccountHook | None) -> None:
+        self.url = url
+        self.on_commit = on_commit
+        self.on_account_change = on_account_change
+        self.loop = asyncio.get_running_loop()
+        self.pool: asyncpg.Pool | None = None
+        self.queued: list[_Insert] = []
+        self.queued_event = asyncio.Event()  # set when `queued` has inserts
+        self.published = 0  # the newest id handed to on_commit
+        self.publish_waiters: list[tuple[int, asyncio.Future]] = []
+        self.wake = asyncio.Event()  # the log has (or may have) news: read it
+        self.account_notices: asyncio.Queue[str | None] = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.answering: set[asyncio.Task] = set()  # a reference keeps them running
+
+    @classmethod
+    async def open(cls, url: str, on_commit: Callable[[list[Event]], None],
+                   on_account_change: AccountHook | None = None) -> PgStore:
+        store = cls(url, on_commit, on_account_change)
+        try:
+            store.pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE,
+                                                   reset=_reset,
+                                                   timeout=TIMEOUT, command_timeout=TIMEOUT)
+            async with store.pool.acquire() as conn, conn.transaction():
+                # Several processes may start at once; CREATE ... IF NOT EXISTS alone can
+                # still collide in the catalog, so schema setup is serialized.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                await conn.execute(SCHEMA)
+                store.published = await conn.fetchval(NEWEST_ID)
+        except Exception as exc:  # noqa: BLE001 - a bad URL, refused login, missing database
+            if store.pool is not None:
+                store.pool.terminate()
+            raise StoreError(f"cannot open the PostgreSQL database: {exc}") from None
+        store.tasks = [asyncio.create_task(work()) for work in (
+            store._write_loop, store._listen_loop, store._catch_up_loop, store._account_loop)]
+        return store
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), TIMEOUT)
+            except (TimeoutError, *DB_ERRORS):
+                self.pool.terminate()
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """Run `work` on a pooled connection; a database in trouble raises StoreError."""
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire(timeout=TIMEOUT) as conn:
+                return await work(conn)
+        except asyncpg.UniqueViolationError:
+            raise
+        except (TimeoutError, *DB_ERRORS) as exc:
+            raise StoreError(str(exc) or type(exc).__name__) from exc
+
+    # -- settings -----------------------------------------------------------------------
+    async def setting_or_default(self, key: str, default: str) -> str:
+        """The stored value of `key`; stores `default` first when there is none. Processes
+        starting at once agree: the first insert wins, the others read it."""
+        async def run(conn: asyncpg.Connection) -> str:
+            await conn.execute("INSERT INTO settings (key, value) VALUES ($1, $2) "
+                               "ON CONFLICT (key) DO NOTHING", key, default)
+            return await conn.fetchval("SELECT value FROM settings WHERE key = $1", key)
+        return await self._run(run)
+
+    # -- users --------------------------------------------------------------------------
+    async def create_user(self, user: User) -> None:
+        values = [user.id, user.username, *(_column_value(c, getattr(user, c))
+                                            for c in UPDATABLE)]
+        values[2 + UPDATABLE.index("revoked")] = user.revoked  # a boolean column here
+        marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        try:
+            await self._run(lambda conn: conn.execute(
+                f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) VALUES ({marks})",
+                *values))
+        except asyncpg.UniqueViolationError:
+            raise UsernameTaken(user.username) from None
+
+    async def get_user(self, username: str) -> User | None:
+        row = await self._run(lambda conn: conn.fetchrow(
+            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1", username))
+        return _user(row) if row else None
+
+    async def list_users(self) -> list[User]:
+        rows = await self._run(lambda conn: conn.fetch(
+            f"SELECT {USER_COLUMNS} FROM users ORDER BY seq"))
+        return [_user(row) for row in rows]
+
+    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
+        """Apply `changes` (keys from UPDATABLE), tell every process, return the user."""
+        unknown = set(changes) - set(UPDATABLE)
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        values = {k: v if k == "revoked" else _column_value(k, v) for k, v in changes.items()}
+
+        async def run(conn: asyncpg.Connection) -> User | None:
+            async with conn.transaction():
+                if values:
+                    assignments = ", ".join(f"{column} = ${i}"
+                                            for i, column in enumerate(values, start=2))
+                    await conn.execute(f"UPDATE users SET {assignments} WHERE username = $1",
+                                       username, *values.values())
+                    await conn.execute("SELECT pg_notify($1, $2)", ACCOUNTS_CHANNEL, username)
+                row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE username = $1",
+                                          username)
+            return _user(row) if row else None
+        return await self._run(run)
+
+    # -- events: group commit ------------------------------------------------------------
+    async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
+        """Append an event; returns once it is committed and published here."""
+        future = self.loop.create_future()
+        self.queued.append(_Insert(tenant_name, event, data, future))
+        self.queued_event.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self.queued_event.wait()
+            batch, self.queued = self.queued[:MAX_BATCH], self.queued[MAX_BATCH:]
+            if not self.queued:
+                self.queued_event.clear()
+            try:
+                events, prior = await self._run(functools.partial(self._commit, batch=batch))
+            except Exception as exc:  # fail this batch, never the writer
+                if not isinstance(exc, StoreError):
+                    log.exception("inserting a batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            # Answered once published, without holding up the next batch.
+            answer = asyncio.ensure_future(self._answer(batch, events, prior))
+            self.answering.add(answer)
+            answer.add_done_callback(self.answering.discard)
+
+    async def _commit(self, conn: asyncpg.Connection,
+                      batch: list[_Insert]) -> tuple[list[Event], int]:
+        """One transaction for the batch; returns its events and `prior`."""
+        stamp = int(time.time())
+        await conn.execute(BEGIN_IN_COMMIT_ORDER)
+        try:
+            rows = await conn.fetch(INSERT_EVENTS, [j.tenant_name for j in batch],
+                                    [j.event for j in batch], [j.data for j in batch], stamp,
+                                    EVENTS_CHANNEL)
+            await conn.execute("COMMIT")
+        except BaseException:
+            if not conn.is_closed() and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+            raise
+        ids = sorted(row[0] for row in rows)  # drawn in batch order: see ORDER BY n
+        events = [Event(event_id, j.tenant_name, j.event, j.data, stamp)
+                  for event_id, j in zip(ids, batch)]
+        return events, rows[0][1]
+
+    async def _answer(self, batch: list[_Insert], events: list[Event], prior: int) -> None:
+        if self.published >= prior:
+            # Everything committed before this batch is published already: publish it now,
+            # without reading it back (whatever the catch-up published meanwhile is skipped).
+            self._publish([e for e in events if e.id > self.published])
+        elif self.published < events[-1].id:
+            self.wake.set()  # others' events come first: the catch-up reads ours after them
+            waiter = self.loop.create_future()
+            self.publish_waiters.append((events[-1].id, waiter))
+            try:
+                # Committed is acknowledged: if reading it back stalls (the database just
+                # went down), answer anyway; it is published when the database is back.
+                await asyncio.wait_for(asyncio.shield(waiter), PUBLISH_WAIT)
+            except TimeoutError:
+                log.warning("event %d committed but not yet published", events[-1].id)
+        for job, event in zip(batch, events):
+            if not job.future.done():
+                job.future.set_result(event)
+
+    # -- delivery: read the log in id order ---------------------------------------------
+    async def _catch_up_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), SAFETY_NET)
+            except TimeoutError:
+                pass  # the safety net: a notification can be lost
+            self.wake.clear()
+            try:
+                await self._run(self._catch_up)
+            except StoreError as exc:
+                log.warning("cannot read new events (retrying): %s", exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # a bug must not end delivery for good
+                log.exception("reading new events failed (retrying)")
+                await asyncio.sleep(0.5)
+
+    async def _catch_up(self, conn: asyncpg.Connection) -> None:
+        while True:
+            rows = await conn.fetch(EVENTS_SINCE, self.published, CATCH_UP_PAGE)
+            # An own batch may have been published while this read was under way.
+            self._publish([Event(*row) for row in rows if row[0] > self.published])
+            if len(rows) < CATCH_UP_PAGE:
+                return
+
+    def _publish(self, events: list[Event]) -> None:
+        """Hand events to on_commit: always the next ones after `published`, in id order."""
+        if not events:
+            return
+        self.published = events[-1].id
+        try:
+            self.on_commit(events)
+        except Exception:  # keep delivering
+            log.exception("publishing committed events failed")
+        done = [(i, w) for i, w in self.publish_waiters if i <= self.published]
+        self.publish_waiters = [(i, w) for i, w in self.publish_waiters if i > self.published]
+        for _, waiter in done:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _listen_loop(self) -> None:
+        """Keep one connection LISTENing; reconnect when it drops, then recover."""
+        reconnect = False
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.url, timeout=TIMEOUT)
+                await conn.add_listener(EVENTS_CHANNEL, lambda *_: self.wake.set())
+                await conn.add_listener(ACCOUNTS_CHANNEL,
+                                        lambda *notice: self.account_notices.put_nowait(notice[3]))
+                if reconnect:
+                    log.info("listening again on the database; recovering missed changes")
+                    self.account_notices.put_nowait(None)  # re-read every cached account
+                self.wake.set()  # and the events committed meanwhile
+                reconnect = True
+                while not conn.is_closed():
+                    await asyncio.sleep(SAFETY_NET)
+                    await conn.execute("SELECT 1", timeout=SAFETY_NET)  # a dead link shows
+            except (TimeoutError, *DB_ERRORS) as exc:
+                log.warning("listening connection to the database lost (retrying): %s", exc)
+            except Exception:  # keep listening, whatever happened
+                log.exception("listening connection failed (retrying)")
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(0.5)
+
+    async def _account_loop(self) -> None:
+        """Account notices, one at a time in arrival order (a later notice's state wins)."""
+        while True:
+            username = await self.account_notices.get()
+            if self.on_account_change is None:
+                continue
+            try:
+                await self.on_account_change(username)
+            except Exception:  # StoreError included: the cache was dropped
+                log.exception("refreshing account %r failed", username)
+
+    # -- event reads ----------------------------------------------------------------------
+    async def newest_event_id(self) -> int:
+        return await self._run(lambda conn: conn.fetchval(NEWEST_ID))
+
+    async def latest_events(self, tenant_name: str) -> tuple[list[Event], int]:
+        """The newest event of each name in the tenant, oldest first, and the newest event
+        id of the whole log at that moment (read in the same snapshot)."""
+        return await self._run(lambda conn: _with_newest_id(conn, LATEST_OF_TENANT,
+                                                            tenant_name))
+
+    async def events_after(self, tenant_name: str, after_id: int,
+                           limit: int) -> tuple[list[Event], int]:
+        """Up to `limit` events of the tenant with id > after_id, in id order, and the
+        newest event id of the whole log at that moment."""
+        return await self._run(lambda conn: _with_newest_id(conn, EVENTS_AFTER, tenant_name,
+                                                            after_id, limit))
+
+    # -- whole-database copies (broker migrate) -----------------------------------------
+    async def table_counts(self) -> dict[str, int]:
+        async def run(conn: asyncpg.Connection) -> dict[str, int]:
+            return {table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+                    for table in TABLES}
+        return await self._run(run)
+
+    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
+        """Every row of every table as (table, rows) pages, columns as in store.TABLES;
+        users in creation order, events in id order."""
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = "seq" if table == "users" else "1, 2"
+                rows = await self._run(lambda conn, q=f"SELECT {columns} FROM {table} "
+                                       f"ORDER BY {order}": conn.fetch(q))
+                yield table, [tuple(row) for row in rows]
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+            while page := await self._run(lambda conn, q=query, a=after: conn.fetch(
+                    q, a, EXPORT_PAGE)):
+                yield table, [tuple(row) for row in page]
+                after = page[-1][0]
+
+    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+        """Insert export_tables' pages (of any engine) into this empty database in one
+        transaction, ids kept; the id sequence restarts above the largest."""
+        async def run(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                async for table, rows in pages:
+                    if table == "users":
+                        rows = [(*row[:3], bool(row[3]), *row[4:]) for row in rows]
+                    await conn.copy_records_to_table(table, records=rows,
+                                                     columns=TABLES[table].split(", "))
+                await conn.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), "
+                                   "coalesce(max(id), 0) + 1, false) FROM events")
+        await self._run(run)
+
+
+async def _with_newest_id(conn: asyncpg.Connection, query: str,
+                          *args: Any) -> tuple[list[Event], int]:
+    rows = await conn.fetch(query, *args)
+    return [Event(*row[1:]) for row in rows if row[1] is not None], rows[0][0]
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Between two uses of a pooled connection. Nothing of ours outlives a transaction (no
+    LISTEN, only transaction-level advisory locks), so asyncpg's default reset, a round trip
+    each time, is not needed: only a transaction left open is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
