@@ -138,7 +138,7 @@ def steady_section(results: dict) -> str:
              r["lost"], r["requests"], r["request_p50_ms"], r["request_p99_ms"],
              r["request_max_ms"], r["server_cpu_pct"]] for name, r in section.items()]
     return "\n".join([
-        (f"## 6. A large tenant at a steady rate: {s['steady_rate']:.0f} events/s to "
+        (f"## 7. A large tenant at a steady rate: {s['steady_rate']:.0f} events/s to "
          f"{s['steady_subscribers']:,} subscribers ({s['steady_seconds']:.0f} s)\n"),
         from_earlier(results, "steady"),
         (f"One publisher; meanwhile another connection sends {s['steady_request_rate']:.0f} "
