@@ -417,8 +417,8 @@ class Fanout:
     load fewer, larger writes are the lever: after a pass the writer waits as long as the
     pass took, at most LINGER, before the next one, so commits gather meanwhile and the
     loop is free for the publishers' requests at least half the time. An event that finds
-    the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was measured too and lost on latency; see
-    bench/README.md, "The fan-out writer".
+    the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was
+    measured too and lost on latency; see bench/README.md, "The fan-out writer".
     """
 
     SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
