@@ -79,6 +79,15 @@ class Channel:
         lines += [f"{name}: {value}" for name, value in self.sse_headers]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
+    def other_request(self) -> bytes:
+        """A cheap request on another connection, to time while a fan-out runs: broker's
+        `GET /verify` (authenticated, so wrap_insert servers get the stream's headers), the
+        root page elsewhere (nchan has no auth)."""
+        lines = [f"GET {'/verify' if self.wrap_insert else '/'} HTTP/1.1",
+                 f"Host: {self.host}:{self.port}"]
+        lines += [f"{name}: {value}" for name, value in self.sse_headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
     def publish_request(self, payload: bytes, event: str = "bench") -> bytes:
         if self.wrap_insert:
             body = b'{"event":"%s","data":%s}' % (event.encode(), payload)
@@ -415,6 +424,37 @@ def publisher_main(conn: Connection, plan: PublishPlan) -> None:
     result = asyncio.run(_publish(plan))
     result["loop"] = loop_name
     conn.send(result)
+
+
+# -- a request timed while a fan-out runs ------------------------------------------------------
+async def _requests(channel: Channel, rate: float, seconds: float) -> dict:
+    client = HttpClient(channel.host, channel.port)
+    request = channel.other_request()
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    started = time.monotonic()
+    for index in range(int(rate * seconds)):
+        delay = started + index / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.monotonic()
+        try:
+            status, _ = await client.request(request)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            status = -1
+            client.close()
+        latencies.append(time.monotonic() - sent)
+        statuses[status] = statuses.get(status, 0) + 1
+    client.close()
+    return {"requests": len(latencies), "statuses": statuses,
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "max": max(latencies, default=None)}
+
+
+def requester_main(conn: Connection, channel: Channel, rate: float, seconds: float) -> None:
+    """Process entry point: `rate` requests/s for `seconds` on one keep-alive connection."""
+    use_fast_loop()
+    conn.send(asyncio.run(_requests(channel, rate, seconds)))
 
 
 # -- connection storm ---------------------------------------------------------------------------

@@ -129,6 +129,27 @@ def latency_section(results: dict) -> str:
         "\nDetails:\n", details({key: section}, "rate")])
 
 
+def steady_section(results: dict) -> str:
+    section = results.get("steady")
+    if not section:
+        return ""
+    s = results["settings"]
+    rows = [[name, r["subscribers"], r["events"], r["published_per_s"], r["p50_ms"], r["p99_ms"],
+             r["lost"], r["requests"], r["request_p50_ms"], r["request_p99_ms"],
+             r["request_max_ms"], r["server_cpu_pct"]] for name, r in section.items()]
+    return "\n".join([
+        (f"## 8. A large tenant at a steady rate: {s['steady_rate']:.0f} events/s to "
+         f"{s['steady_subscribers']:,} subscribers ({s['steady_seconds']:.0f} s)\n"),
+        from_earlier(results, "steady"),
+        (f"One publisher; meanwhile another connection sends {s['steady_request_rate']:.0f} "
+         "requests/s (broker: `GET /verify` with a Bearer JWT; nchan: `GET /`, a static "
+         "answer; the Starlette peer has no such route and answers 404) and times each: "
+         "how long any other request waits behind a fan-out.\n"),
+        table(["server", "subscribers", "events", "published/s", "delivery p50 ms",
+               "delivery p99 ms", "lost", "requests", "request p50 ms", "request p99 ms",
+               "request max ms", "server CPU %"], rows)])
+
+
 def memory_section(results: dict) -> str:
     section = results["memory"]
     if not section:
@@ -257,6 +278,11 @@ def headline(results: dict) -> str:
     if results["latency"]:
         rows.append(headline_row(results, "p99 ms at the fixed rate (lower is better)",
                                  results["latency"], "p99_ms"))
+    if results.get("steady"):
+        rows.append(headline_row(results, "steady rate, large tenant: delivery p99 ms",
+                                 results["steady"], "p99_ms"))
+        rows.append(headline_row(results, "steady rate, large tenant: other request p99 ms",
+                                 results["steady"], "request_p99_ms"))
     for size, by_server in results["memory"].items():
         rows.append(headline_row(results, f"KiB per idle stream, {int(size):,} streams "
                                  "(lower is better)", by_server, "kib_per_stream"))
@@ -283,7 +309,8 @@ def markdown(results: dict) -> str:
          "absolute numbers. How each scenario works: bench/README.md.\n"),
         "## Machine\n", machine_section(results), headline(results), fanout_section(results),
         latency_section(results), memory_section(results), inserts_section(results),
-        connects_section(results), scopes_section(results), restart_section(results)]
+        connects_section(results), scopes_section(results), restart_section(results),
+        steady_section(results)]
     return "\n".join(part for part in parts if part).rstrip() + "\n"
 
 

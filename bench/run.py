@@ -37,7 +37,8 @@ from loadgen import Channel, PublishPlan, percentile
 from servers import ALL_SERVERS, PG_SERVERS, Broker, Server, nginx_version, server_factories
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "scopes", "restart"]
+SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "scopes", "restart",
+             "steady"]
 # The permission groups of the scopes scenario: different scopes, but each may read "bench".
 SCOPE_GROUPS = [["bench:get"], ["b*:get"], ["*:get"], ["bench:get", "news:get"]]
 SPAWN = mp.get_context("spawn")
@@ -54,6 +55,10 @@ class Settings:
     latency_subscribers: int = 1000
     latency_rate: float = 200.0
     latency_seconds: float = 10.0
+    steady_subscribers: int = 10_000  # one large tenant, one publisher at a steady rate,
+    steady_rate: float = 10.0  # and meanwhile a request timed on another connection
+    steady_seconds: float = 10.0
+    steady_request_rate: float = 50.0
     memory_sizes: list[int] = field(default_factory=lambda: [5000, 10000])
     insert_publishers: list[int] = field(default_factory=lambda: [1, 16, 64])
     insert_seconds: float = 5.0
@@ -81,7 +86,8 @@ class Settings:
 
 
 QUICK = Settings(fanout_sizes=[100, 1000], fanout_deliveries=100_000, fanout_max_seconds=10,
-                 latency_seconds=3, memory_sizes=[1000, 2000], insert_seconds=2,
+                 latency_seconds=3, steady_subscribers=2000, steady_seconds=3,
+                 memory_sizes=[1000, 2000], insert_seconds=2,
                  connect_total=300, connect_max_seconds=5, drain_timeout=30,
                  scopes_deliveries=500_000, scopes_rounds=1, restart_subscribers=1000)
 
@@ -232,6 +238,32 @@ def summarize_fanout(ready: dict, pub: dict, got: dict, expected: int,
         "subscriber_cpu_pct": round(100 * got["cpu"] / elapsed),
         "publisher_cpu_pct": round(100 * pub["cpu"] / elapsed),
     }
+
+
+def steady(server: Server, settings: Settings) -> dict:
+    """One publisher at a steady rate to a large tenant, and meanwhile another connection's
+    request (broker: `GET /verify`) timed: what every other request waits behind a fan-out."""
+    channel = server.new_channel()
+    with Subscribers(channel, settings.steady_subscribers, settings, settings.probes) as subs:
+        subs.ask("reset")
+        cpu_before = server.cpu_seconds()
+        events = int(settings.steady_rate * settings.steady_seconds)
+        plan = PublishPlan(channel, events, 1, settings.steady_rate,
+                           settings.steady_seconds + 30, settings.pad)
+        requester, answer = spawn(loadgen.requester_main, channel,
+                                  settings.steady_request_rate, settings.steady_seconds)
+        pub = run_process(loadgen.publisher_main, plan)
+        timed = answer.recv() if answer.poll(settings.steady_seconds + 60) else {}
+        requester.join(10)
+        expected = pub["accepted"] * subs.ready["connected"]
+        subs.wait_for(expected, settings)
+        got = subs.collect()
+        server_cpu = server.cpu_seconds() - cpu_before
+    row = summarize_fanout(subs.ready, pub, got, expected, server_cpu)
+    row.update({"requests": timed.get("requests", 0), "request_statuses": timed.get("statuses"),
+                "request_p50_ms": ms(timed.get("p50")), "request_p99_ms": ms(timed.get("p99")),
+                "request_max_ms": ms(timed.get("max"))})
+    return row
 
 
 def memory(factory: Callable[[], Server], streams: int, settings: Settings) -> dict:
@@ -413,6 +445,14 @@ def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
                          settings)
             results["latency"][name] = row
             log(f"  p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}")
+            time.sleep(1)
+        if "steady" in wanted:
+            log(f"{name}: {settings.steady_rate:.0f} events/s to {settings.steady_subscribers:,} "
+                f"subscribers, {settings.steady_request_rate:.0f} other requests/s")
+            row = steady(server, settings)
+            results["steady"][name] = row
+            log(f"  delivery p99 {row['p99_ms']} ms, request p99 {row['request_p99_ms']} ms, "
+                f"lost {row['lost']}")
             time.sleep(1)
         if server.durable and "inserts" in wanted:
             for auth in ("bearer", "basic"):
