@@ -63,8 +63,10 @@ def test_the_file_stays_flat_over_insert_and_prune_cycles(make_server):
         conn.close()
         sizes.append(server.db.stat().st_size)
     # Freed pages go on SQLite's freelist and are reused by the next cycle's inserts. Without
-    # retention each cycle adds about 300 KB (150 x 2 KB).
-    assert sizes[-1] <= sizes[1] + 64 * 1024, sizes
+    # retention each cycle adds about 300 KB (150 x 2 KB), 1.2 MB over the last four. With
+    # it, the file holds the most events alive at once: on a loaded machine a prune can lag
+    # part of a cycle behind the inserts, hence half a cycle of slack.
+    assert sizes[-1] <= sizes[1] + 150 * 1024, sizes
 
 
 # -- backup ----------------------------------------------------------------------------------
