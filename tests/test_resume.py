@@ -1,7 +1,8 @@
 """The resume rule (issue 10): a reconnect with Last-Event-ID is replayed only what the log can
 prove the client is missing; otherwise it gets the latest values, as on a fresh connect.
 Each case with a real server on real files: a tenant change, events pruned by retention, a
-restore from a backup. (An id beyond the newest: tests/test_stream.py.)"""
+restore from a backup. (An id beyond the newest: tests/test_stream.py.) On SQLite and
+PostgreSQL (conftest.BOTH_ENGINES), except the restore from a `broker backup` copy."""
 
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def test_tenant_change_at_or_after_the_id_gets_the_new_tenants_state(server):
     assert resumed(server, mover, after_move[0], 1) == [later]
 
 
-def test_tenant_change_is_recorded_in_the_database(tmp_path):
+def test_tenant_change_is_recorded_in_the_database(tmp_path, database):
     # The move's id survives a restart: it is stored with the user, not kept in memory.
-    srv = Server(tmp_path).start()
+    srv = Server(tmp_path, db=database).start()
     try:
         blue = unique("blue")
         peer = srv.user(unique("peer"), tenant=blue)
