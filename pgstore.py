@@ -18,7 +18,8 @@ PostgreSQL is both the shared store and the bus between processes:
   prefix of the sequence. The cost: one batch commits at a time across the whole cluster of
   processes, so the insert rate is (events per batch) / (one batch's round trips + fsync).
   Group commit keeps that high (docs/scaling.md has the numbers); user and setting writes do
-  not take the lock, since no resume depends on their order.
+  not take the lock, since no resume depends on their order (except a change of tenant or
+  scopes, below).
 - Ids and resume (see store.py's RESUME_PROOF): each process start raises the id sequence
   to the clock in microseconds under COMMIT_ORDER_LOCK and records the skipped range in
   id_gaps; a change of tenant or scopes records the newest id under the same lock; retention
