@@ -231,7 +231,6 @@ class PgStore:
         self.account_notices: asyncio.Queue[str | None] = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.answering: set[asyncio.Task] = set()  # a reference keeps them running
-        self.id_floor = 1  # the smallest id this process's start let the sequence issue
 
     @classmethod
     async def open(cls, url: str, on_commit: Callable[[list[Event]], None],
@@ -248,7 +247,7 @@ class PgStore:
                 await conn.execute(SCHEMA)
                 store.published = await conn.fetchval(NEWEST_ID)
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
-                store.id_floor = await _start_id_range(conn)
+                await _start_id_range(conn)
         except Exception as exc:  # noqa: BLE001 - a bad URL, refused login, missing database
             if store.pool is not None:
                 store.pool.terminate()
@@ -583,7 +582,7 @@ async def _with_newest_id(conn: asyncpg.Connection, query: str,
     return [Event(*row[1:]) for row in rows if row[1] is not None], rows[0][0]
 
 
-async def _start_id_range(conn: asyncpg.Connection) -> int:
+async def _start_id_range(conn: asyncpg.Connection) -> None:
     """Raise the id sequence to the clock in microseconds (store._start_id_range says why)
     and record the ids skipped as never issued; the caller holds COMMIT_ORDER_LOCK, so no
     batch is drawing ids. The range starts at the sequence's last value, not at max(id): an
@@ -596,7 +595,6 @@ async def _start_id_range(conn: asyncpg.Connection) -> int:
     if floor > issued + 1:
         await conn.execute("SELECT setval($1, $2, false)", sequence, floor)
         await conn.execute(RECORD_GAP, issued, floor)
-    return floor
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

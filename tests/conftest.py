@@ -360,6 +360,19 @@ def rows(db: Path | str, query: str, args: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+def execute(db: Path | str, statement: str) -> None:
+    """Change a database directly (no broker running on it): one statement, committed."""
+    if isinstance(db, str):
+        rows(db, statement)  # outside a transaction, asyncpg commits it
+        return
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(statement)
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def make_server(tmp_path, database):
     """A factory for servers with extra command-line arguments."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, Server
+from conftest import ROOT, Server, execute
 from stream_support import admin, open_resume, unique, wait_until_closed
 
 
@@ -160,6 +160,22 @@ def test_a_restart_keeps_resume_a_replay(server):
     after = insert(server, auth, "state", 2)
     assert after[0] > seen[0] + 1  # ids jumped to the clock at the restart
     assert resumed(server, auth, seen[0], 1) == [after]
+
+
+def test_a_start_never_issues_ids_inside_a_recorded_gap(server):
+    # A log copied from a machine whose clock was ahead (or a clock set back) holds a gap that
+    # reaches past this clock. Ids issued inside it could never be resumed from: the next
+    # start begins above it.
+    auth = server.user(unique("skewed"), tenant=unique("skewed"))
+    seen = insert(server, auth, "state", 1)
+    server.stop()
+    ahead = seen[0] + 10**12  # 11.6 days in microseconds
+    execute(server.db, f"INSERT INTO id_gaps (after_id, before_id) VALUES ({seen[0]}, {ahead})")
+    server.start()
+    after = insert(server, auth, "state", 2)
+    assert after[0] >= ahead
+    assert resumed(server, auth, seen[0], 1) == [after]
+    assert resumed(server, auth, after[0], 0) == []
 
 
 def test_a_scope_change_at_or_after_the_id_gets_the_new_state(make_server):
