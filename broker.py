@@ -1323,13 +1323,16 @@ class App:
         names = [username] if username else list({*self.auth.users, *self.hub.by_user})
         for name in names:
             before = self.auth.users.get(name)
+            # The streams opened with `before` or older: one opened while the user is re-read
+            # below already has the new state (this process's own change, say) and stays.
+            streams = list(self.hub.by_user.get(name, ()))
             self.auth.forget(name)
             user = await self.store.get_user(name)
             if user is not None:
                 self.auth.remember(user)
             rescoped = self.config.enforce_scopes and before is not None and \
                 user is not None and before.scopes != user.scopes
-            for conn in list(self.hub.by_user.get(name, ())):
+            for conn in streams:
                 if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
                         or (before is not None and before.password_hash != user.password_hash):
                     conn.end_stream()

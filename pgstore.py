@@ -18,7 +18,13 @@ PostgreSQL is both the shared store and the bus between processes:
   prefix of the sequence. The cost: one batch commits at a time across the whole cluster of
   processes, so the insert rate is (events per batch) / (one batch's round trips + fsync).
   Group commit keeps that high (docs/scaling.md has the numbers); user and setting writes do
-  not take the lock, since no resume depends on their order.
+  not take the lock, since no resume depends on their order (except a change of tenant or
+  scopes, below).
+- Ids and resume (see store.py's RESUME_PROOF): each process start raises the id sequence
+  to the clock in microseconds under COMMIT_ORDER_LOCK and records the skipped range in
+  id_gaps; a change of tenant or scopes records the newest id under the same lock; retention
+  raises `pruned` in the transaction that deletes. A resume checks all that and reads its
+  first page in one statement, so in one snapshot.
 - Account changes (update_user) send a notification on ACCOUNTS_CHANNEL in their
   transaction; every process then re-reads the user and drops its cached credentials
   (on_account_change). After a reconnect of the listening connection, every cached account
@@ -83,11 +89,23 @@ CREATE TABLE IF NOT EXISTS latest (
     PRIMARY KEY (tenant_name, event)
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The resume rule's records, as in store.py: newest id when tenant or scopes last changed,
+-- ids never issued (every id strictly between after_id and before_id), retention's horizon.
+ALTER TABLE users ADD COLUMN IF NOT EXISTS access_changed_at BIGINT;
+CREATE TABLE IF NOT EXISTS id_gaps (
+    after_id BIGINT PRIMARY KEY,
+    before_id BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pruned (
+    tenant_name TEXT PRIMARY KEY,
+    upto BIGINT NOT NULL
+);
 """
 
 # Advisory lock keys: arbitrary constants, the same in every broker process.
 SCHEMA_LOCK = 0x62726F6B657201  # "broker" 01: schema setup, when processes start at once
 COMMIT_ORDER_LOCK = 0x62726F6B657202  # "broker" 02: one event batch commits at a time
+PRUNE_LOCK = 0x62726F6B657203  # "broker" 03: one process prunes at a time
 EVENTS_CHANNEL = "broker_events"
 ACCOUNTS_CHANNEL = "broker_accounts"
 POOL_SIZE = 8  # connections per process, besides the listening one
@@ -137,6 +155,47 @@ EVENTS_AFTER = f"""
         SELECT {EVENT_COLUMNS} FROM events
         WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON true
     ORDER BY e.id"""
+
+# Whether the log proves that a client holding $2 has seen all of tenant $1 up to it (the
+# conditions are store.py's RESUME_PROOF), with the newest id and the first page after $2,
+# all in one statement (one snapshot): one row of NULL events when there are none.
+RESUME_PAGE = f"""
+    SELECT head.proven, head.newest, e.* FROM (SELECT
+        $2 <= ({NEWEST_ID})
+        AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < $2
+                      ORDER BY after_id DESC LIMIT 1), 0) <= $2
+        AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
+        AND coalesce((SELECT access_changed_at FROM users WHERE username = $4), -1) < $2
+        AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1 AS proven,
+        ({NEWEST_ID}) AS newest) head
+    LEFT JOIN (SELECT {EVENT_COLUMNS} FROM events
+               WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON head.proven
+    ORDER BY e.id"""
+# Up to $2 events older than $1 (Unix seconds), oldest first, never the newest of a name in a
+# tenant, stopping at the first young one; the horizons go up in the same statement. Only the
+# first $2 + (rows of `latest`) events are looked at: the old rows that stay are latest values.
+PRUNE = """
+    WITH scan AS (
+        SELECT id, tenant_name, event, timestamp FROM events ORDER BY id
+        LIMIT $2::bigint + (SELECT count(*) FROM latest)),
+    doomed AS (
+        SELECT s.id FROM scan s
+        WHERE s.id < (SELECT coalesce(min(id), 9223372036854775807) FROM scan
+                      WHERE timestamp >= $1)
+          AND NOT EXISTS (SELECT 1 FROM latest l WHERE l.tenant_name = s.tenant_name
+                          AND l.event = s.event AND l.event_id = s.id)
+        ORDER BY s.id LIMIT $2::bigint),
+    deleted AS (DELETE FROM events WHERE id IN (SELECT id FROM doomed)
+                RETURNING id, tenant_name),
+    raised AS (
+        INSERT INTO pruned (tenant_name, upto)
+        SELECT tenant_name, max(id) FROM deleted GROUP BY tenant_name
+        ON CONFLICT (tenant_name) DO UPDATE SET upto = greatest(pruned.upto, excluded.upto))
+    SELECT count(*) FROM deleted"""
+RECORD_GAP = """
+    INSERT INTO id_gaps (after_id, before_id) VALUES ($1, $2)
+    ON CONFLICT (after_id) DO UPDATE SET before_id = greatest(id_gaps.before_id,
+                                                              excluded.before_id)"""
 
 AccountHook = Callable[[str | None], Awaitable[None]]
 
@@ -192,6 +251,8 @@ class PgStore:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await conn.execute(SCHEMA)
                 store.published = await conn.fetchval(NEWEST_ID)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
+                await _start_id_range(conn)
         except Exception as exc:  # noqa: BLE001 - a bad URL, refused login, missing database
             if store.pool is not None:
                 store.pool.terminate()
@@ -260,9 +321,20 @@ class PgStore:
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
         values = {k: v if k == "revoked" else _column_value(k, v) for k, v in changes.items()}
+        access = {k: v for k, v in values.items() if k in ("tenant_name", "scopes")}
 
         async def run(conn: asyncpg.Connection) -> User | None:
             async with conn.transaction():
+                if access:
+                    # For the resume rule (see resume_page), only when a value differs. Under
+                    # the commit-order lock, the newest id is exact: every event committed
+                    # after the change has a larger id.
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
+                    differs = " OR ".join(f"{column} <> ${i}"
+                                          for i, column in enumerate(access, start=2))
+                    await conn.execute(f"UPDATE users SET access_changed_at = ({NEWEST_ID}) "
+                                       f"WHERE username = $1 AND ({differs})",
+                                       username, *access.values())
                 if values:
                     assignments = ", ".join(f"{column} = ${i}"
                                             for i, column in enumerate(values, start=2))
@@ -273,6 +345,16 @@ class PgStore:
                                           username)
             return _user(row) if row else None
         return await self._run(run)
+
+    async def replace_password_hash(self, username: str, old_hash: str,
+                                    new_hash: str) -> User | None:
+        """Set the user's password hash to `new_hash` if it is still `old_hash` (a rehash
+        with new parameters must not undo a password change); the updated user, or None.
+        No notification: the old hash, cached elsewhere, verifies the same password."""
+        row = await self._run(lambda conn: conn.fetchrow(
+            f"UPDATE users SET password_hash = $3 WHERE username = $1 AND password_hash = $2 "
+            f"RETURNING {USER_COLUMNS}", username, old_hash, new_hash))
+        return _user(row) if row else None
 
     # -- events: group commit ------------------------------------------------------------
     async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
@@ -453,6 +535,29 @@ class PgStore:
         return await self._run(lambda conn: _with_newest_id(conn, EVENTS_AFTER, tenant_name,
                                                             after_id, limit))
 
+    async def resume_page(self, username: str, tenant_name: str, after_id: int,
+                          limit: int) -> tuple[list[Event], int] | None:
+        """As events_after, when the log proves that a client of `username` which has seen
+        `after_id` has seen everything of `tenant_name` up to it; None when it cannot
+        (the caller then sends the latest values). Proof and page share one snapshot."""
+        rows = await self._run(lambda conn: conn.fetch(RESUME_PAGE, tenant_name, after_id,
+                                                       limit, username))
+        if not rows[0][0]:
+            return None
+        return [Event(*row[2:]) for row in rows if row[2] is not None], rows[0][1]
+
+    async def prune(self, older_than: int, batch: int = 500) -> int:
+        """Delete up to `batch` events with a timestamp before `older_than` (Unix seconds),
+        never the newest of a name in a tenant, oldest first, raising each tenant's horizon
+        in `pruned` in the same transaction. Returns how many went; call again until it
+        returns less than `batch`. One process at a time: the others get 0 meanwhile."""
+        async def run(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
+                    return 0  # another process is pruning: it does this round's work
+                return await conn.fetchval(PRUNE, older_than, batch)
+        return await self._run(run)
+
     # -- whole-database copies (broker migrate) -----------------------------------------
     async def table_counts(self) -> dict[str, int]:
         async def run(conn: asyncpg.Connection) -> dict[str, int]:
@@ -481,6 +586,9 @@ class PgStore:
         transaction, ids kept; the id sequence restarts above the largest."""
         async def run(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
+                # The gap this open recorded for the empty log gives way to the source's
+                # (it would cover the ids being copied); the next start records its own.
+                await conn.execute("DELETE FROM id_gaps")
                 async for table, rows in pages:
                     if table == "users":
                         rows = [(*row[:3], bool(row[3]), *row[4:]) for row in rows]
@@ -495,6 +603,21 @@ async def _with_newest_id(conn: asyncpg.Connection, query: str,
                           *args: Any) -> tuple[list[Event], int]:
     rows = await conn.fetch(query, *args)
     return [Event(*row[1:]) for row in rows if row[1] is not None], rows[0][0]
+
+
+async def _start_id_range(conn: asyncpg.Connection) -> None:
+    """Raise the id sequence to the clock in microseconds (store._start_id_range says why)
+    and record the ids skipped as never issued; the caller holds COMMIT_ORDER_LOCK, so no
+    batch is drawing ids. The range starts at the sequence's last value, not at max(id): an
+    id drawn by a batch that rolled back was never seen, and no drawn id falls in the gap."""
+    sequence = await conn.fetchval("SELECT pg_get_serial_sequence('events', 'id')")
+    last_value, is_called = await conn.fetchrow(f"SELECT last_value, is_called FROM {sequence}")
+    issued = max(last_value if is_called else last_value - 1, await conn.fetchval(NEWEST_ID))
+    earlier = await conn.fetchval("SELECT coalesce(max(before_id), 0) FROM id_gaps")
+    floor = max(issued + 1, earlier, time.time_ns() // 1000)
+    if floor > issued + 1:
+        await conn.execute("SELECT setval($1, $2, false)", sequence, floor)
+        await conn.execute(RECORD_GAP, issued, floor)
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

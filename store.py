@@ -81,10 +81,12 @@ MAX_BATCH = 512  # requests sharing one transaction at most
 # Every table and its columns, in the order `broker migrate` copies them from one engine to
 # another (export_tables / import_tables); a new table or column must be added here.
 TABLES = {
-    "users": USER_COLUMNS,
+    "users": USER_COLUMNS + ", access_changed_at",
     "events": "id, tenant_name, event, data, timestamp",
     "latest": "tenant_name, event, event_id",
     "settings": "key, value",
+    "id_gaps": "after_id, before_id",
+    "pruned": "tenant_name, upto",
 }
 EXPORT_PAGE = 5000  # events per page of a copy
 
@@ -495,6 +497,9 @@ class Store:
     async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
         """Insert export_tables' pages (of any engine) into this empty database, ids kept:
         new events get ids above them (a rowid continues from the largest)."""
+        # The gap this open recorded for the empty log gives way to the source's gaps (it
+        # would cover the ids being copied); the next start records one above them.
+        await self._write(lambda conn: conn.execute("DELETE FROM id_gaps").rowcount)
         async for table, rows in pages:
             if not rows:
                 continue
@@ -589,7 +594,10 @@ def _start_id_range(conn: sqlite3.Connection) -> int:
     clients are sent the latest values instead of a replay that would skip what changed.
     16 digits today; JavaScript numbers hold them exactly until the year 2255."""
     newest = conn.execute(NEWEST_ID).fetchone()[0]
-    floor = max(newest + 1, time.time_ns() // 1000)
+    # Not below an earlier floor either (a clock set back, a log copied from a machine ahead):
+    # ids inside a recorded gap could never be resumed.
+    earlier = conn.execute("SELECT coalesce(max(before_id), 0) FROM id_gaps").fetchone()[0]
+    floor = max(newest + 1, earlier, time.time_ns() // 1000)
     if floor > newest + 1:
         conn.execute("INSERT INTO id_gaps (after_id, before_id) VALUES (?, ?) "
                      "ON CONFLICT (after_id) DO UPDATE SET "

@@ -9,6 +9,7 @@ bytes the server wrote.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import importlib.util
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -284,7 +286,7 @@ def parse_frame(raw: bytes) -> Frame:
 # -- PostgreSQL: a throwaway cluster for the session, a fresh database per test ------------
 
 # Test modules whose `server` runs on both engines (the others run on SQLite only).
-BOTH_ENGINES = {"test_api", "test_stream", "test_stream_accounts"}
+BOTH_ENGINES = {"test_api", "test_stream", "test_stream_accounts", "test_resume"}
 
 
 @pytest.fixture(scope="session")
@@ -334,6 +336,41 @@ def server(tmp_path, database):
     srv = Server(tmp_path, db=database).start()
     yield srv
     srv.kill()
+
+
+def rows(db: Path | str, query: str, args: tuple = ()) -> list[tuple]:
+    """A query's rows, read directly from a SQLite file (read-only) or a PostgreSQL URL;
+    `?` placeholders on both."""
+    if isinstance(db, str):
+        import asyncpg
+        numbers = iter(range(1, len(args) + 1))
+        numbered = re.sub(r"\?", lambda _: f"${next(numbers)}", query)
+
+        async def fetch() -> list[tuple]:
+            conn = await asyncpg.connect(db)
+            try:
+                return [tuple(row) for row in await conn.fetch(numbered, *args)]
+            finally:
+                await conn.close()
+        return asyncio.run(fetch())
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(query, args).fetchall()
+    finally:
+        conn.close()
+
+
+def execute(db: Path | str, statement: str) -> None:
+    """Change a database directly (no broker running on it): one statement, committed."""
+    if isinstance(db, str):
+        rows(db, statement)  # outside a transaction, asyncpg commits it
+        return
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(statement)
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ signature of issued tokens and craft their own: expired, wrong issuer, other alg
 from __future__ import annotations
 
 import base64
-import sqlite3
 import time
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ from api_support import (
     unsigned_token,
     wait_for_log,
 )
-from conftest import ADMIN, Response, Server, basic, bearer
+from conftest import ADMIN, Response, Server, basic, bearer, rows
 
 # 64 bytes, so pyjwt does not warn when the tests sign HS512 forgeries with it.
 SECRET = "a-known-test-secret-" + "0123456789abcdef" * 3
@@ -181,12 +180,7 @@ def test_revoked_user_credentials_are_401(srv: Server, endpoint: str) -> None:
 # -- Argon2 parameters (issue 10) --------------------------------------------------------------
 
 def stored_hash(srv: Server, username: str) -> str:
-    conn = sqlite3.connect(f"file:{srv.db}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT password_hash FROM users WHERE username = ?",
-                            (username,)).fetchone()[0]
-    finally:
-        conn.close()
+    return rows(srv.db, "SELECT password_hash FROM users WHERE username = ?", (username,))[0][0]
 
 
 def test_default_argon2_parameters_are_owasps(srv: Server) -> None:
@@ -195,10 +189,12 @@ def test_default_argon2_parameters_are_owasps(srv: Server) -> None:
     assert stored_hash(srv, name).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
 
 
-@pytest.mark.parametrize("how", ["login", "basic"])
-def test_hash_is_upgraded_at_the_next_login_after_a_parameter_change(tmp_path, how) -> None:
+@pytest.mark.parametrize(("how", "engine"), [("login", "sqlite"), ("basic", "sqlite"),
+                                             ("login", "postgres")], indirect=["engine"])
+def test_hash_is_upgraded_at_the_next_login_after_a_parameter_change(tmp_path, how,
+                                                                    database) -> None:
     old = ["--argon2_memory_kib", "8192", "--argon2_time_cost", "1", "--argon2_parallelism", "2"]
-    srv = Server(tmp_path, old).start()
+    srv = Server(tmp_path, old, db=database).start()
     try:
         name = unique("upgrade")
         assert srv.create_user(name, "an old password 1").status == 200

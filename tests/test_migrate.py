@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ADMIN, ROOT, Server
+from conftest import ADMIN, ROOT, Server, rows
 from pg_cluster import Postgres
-from stream_support import open_resume, unique
+from stream_support import admin, open_resume, unique
+from test_resume import insert, resumed, wait_for_pruned
 
 PASSWORD = "correct horse 1"
 
@@ -134,3 +135,38 @@ def test_migrate_refuses_a_missing_source_and_a_source_in_use(tmp_path) -> None:
         assert not (tmp_path / "out.db").exists()
     finally:
         srv.kill()
+
+
+def test_migrate_carries_what_the_resume_rule_needs(tmp_path, postgres: Postgres) -> None:
+    # The pruned horizon, a tenant change and the id gaps travel both ways: a resume the
+    # source would answer with the state is answered with the state after the copy too.
+    srv = Server(tmp_path, ["--retention", "1s"]).start()
+    servers = [srv]
+    try:
+        sensor = srv.user(unique("sensor"), tenant=unique("pruned"))
+        pruned_id = insert(srv, sensor, "a", 1)[0]
+        insert(srv, sensor, "a", 2)
+        sensor_state = [insert(srv, sensor, "a", 3)]
+        wait_for_pruned(srv, 2)
+        mover, blue = unique("mover"), unique("blue")
+        moved = srv.user(mover, tenant=unique("red"))
+        blue_state = [insert(srv, srv.user(unique("peer"), tenant=blue), "colour", "blue")]
+        assert admin(srv, "/update_user", username=mover, tenant_name=blue).status == 200
+        gaps = len(rows(srv.db, "SELECT * FROM id_gaps"))
+
+        source: Server = srv
+        for leg, target_db in enumerate([postgres.new_database(), tmp_path / "back.db"], 1):
+            newest = max(row[0] for row in rows(source.db, "SELECT id FROM events"))
+            target = run_leg(source, target_db, tmp_path)
+            servers.append(target)
+            # Each start adds a gap of its own above the copied ids (the migrate's open of
+            # the source may add one more).
+            assert len(rows(target.db, "SELECT * FROM id_gaps")) >= gaps + leg
+            assert resumed(target, sensor, pruned_id, len(sensor_state)) == sensor_state
+            assert resumed(target, moved, blue_state[0][0], 1) == blue_state
+            sensor_state.append(insert(target, sensor, f"b{leg}", leg))
+            assert sensor_state[-1][0] > newest
+            source = target
+    finally:
+        for server in servers:
+            server.kill()

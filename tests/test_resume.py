@@ -1,7 +1,8 @@
 """The resume rule (issue 10): a reconnect with Last-Event-ID is replayed only what the log can
 prove the client is missing; otherwise it gets the latest values, as on a fresh connect.
 Each case with a real server on real files: a tenant change, events pruned by retention, a
-restore from a backup. (An id beyond the newest: tests/test_stream.py.)"""
+restore from a backup. (An id beyond the newest: tests/test_stream.py.) On SQLite and
+PostgreSQL (conftest.BOTH_ENGINES), except the restore from a `broker backup` copy."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, Server
+from conftest import ROOT, Server, execute
 from stream_support import admin, open_resume, unique, wait_until_closed
 
 
@@ -84,9 +85,9 @@ def test_tenant_change_at_or_after_the_id_gets_the_new_tenants_state(server):
     assert resumed(server, mover, after_move[0], 1) == [later]
 
 
-def test_tenant_change_is_recorded_in_the_database(tmp_path):
+def test_tenant_change_is_recorded_in_the_database(tmp_path, database):
     # The move's id survives a restart: it is stored with the user, not kept in memory.
-    srv = Server(tmp_path).start()
+    srv = Server(tmp_path, db=database).start()
     try:
         blue = unique("blue")
         peer = srv.user(unique("peer"), tenant=blue)
@@ -159,6 +160,22 @@ def test_a_restart_keeps_resume_a_replay(server):
     after = insert(server, auth, "state", 2)
     assert after[0] > seen[0] + 1  # ids jumped to the clock at the restart
     assert resumed(server, auth, seen[0], 1) == [after]
+
+
+def test_a_start_never_issues_ids_inside_a_recorded_gap(server):
+    # A log copied from a machine whose clock was ahead (or a clock set back) holds a gap that
+    # reaches past this clock. Ids issued inside it could never be resumed from: the next
+    # start begins above it.
+    auth = server.user(unique("skewed"), tenant=unique("skewed"))
+    seen = insert(server, auth, "state", 1)
+    server.stop()
+    ahead = seen[0] + 10**12  # 11.6 days in microseconds
+    execute(server.db, f"INSERT INTO id_gaps (after_id, before_id) VALUES ({seen[0]}, {ahead})")
+    server.start()
+    after = insert(server, auth, "state", 2)
+    assert after[0] >= ahead
+    assert resumed(server, auth, seen[0], 1) == [after]
+    assert resumed(server, auth, after[0], 0) == []
 
 
 def test_a_scope_change_at_or_after_the_id_gets_the_new_state(make_server):

@@ -1,6 +1,7 @@
 """Years on a small disk (issue 10): --retention keeps the newest event of each name and
-deletes the rest, the file stops growing, and `broker backup` copies a live database.
-Real servers, real files; the test reads the database files only to check them."""
+deletes the rest (on both engines), the file stops growing, and `broker backup` copies a live
+SQLite database (PostgreSQL has its own tools). Real servers, real files; the test reads the
+databases only to check them."""
 
 from __future__ import annotations
 
@@ -11,19 +12,14 @@ import sys
 import threading
 import time
 
-from conftest import ROOT, Server
+import pytest
+from conftest import ENGINES, ROOT, Server, rows
+from pg_cluster import Postgres
 from stream_support import unique
 from test_resume import backup, insert, received, wait_for_pruned
 
 
-def rows(db, query: str, args: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(query, args).fetchall()
-    finally:
-        conn.close()
-
-
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 def test_retention_keeps_the_newest_of_each_name_and_deletes_the_rest(make_server):
     server = make_server("--retention", "2s")
     tenant, other_tenant = unique("kept"), unique("kept_other")
@@ -151,6 +147,13 @@ def test_bad_retention_and_argon2_options_are_refused(tmp_path):
                                 capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 2, (args, result.stderr)
         assert "error" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_backup_of_a_postgresql_url_points_to_its_own_tools(tmp_path, postgres: Postgres):
+    result = backup(postgres.new_database(), tmp_path / "copy.db")
+    assert result.returncode == 2, result.stderr
+    assert "pg_dump" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_backup_takes_the_database_from_broker_db(tmp_path):
