@@ -51,7 +51,7 @@ from store import (
     MAX_BATCH,
     TABLES,
     UPDATABLE,
-    USER_COLUMNS,
+    USER_ROW,
     Event,
     StoreError,
     User,
@@ -147,9 +147,6 @@ LATEST_OF_TENANT = """
     ORDER BY e.id"""
 RECENT_OF_TENANT = f"""
     SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 ORDER BY id DESC LIMIT $2"""
-RESUME_PROOF = """
-    SELECT $1 <= (SELECT coalesce(max(id), 0) FROM events)
-       AND coalesce((SELECT tenant_name FROM events WHERE id = $1), $2) = $2"""
 EVENTS_AFTER = f"""
     SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
         SELECT {EVENT_COLUMNS} FROM events
@@ -202,7 +199,7 @@ AccountHook = Callable[[str | None], Awaitable[None]]
 
 def _user(row: asyncpg.Record) -> User:
     return User(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]),
-                None if row[7] is None else json.loads(row[7]), row[8])
+                None if row[7] is None else json.loads(row[7]), row[8], row[9])
 
 
 class _Insert:
@@ -307,12 +304,12 @@ class PgStore:
 
     async def get_user(self, username: str) -> User | None:
         row = await self._run(lambda conn: conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1", username))
+            f"SELECT {USER_ROW} FROM users WHERE username = $1", username))
         return _user(row) if row else None
 
     async def list_users(self) -> list[User]:
         rows = await self._run(lambda conn: conn.fetch(
-            f"SELECT {USER_COLUMNS} FROM users ORDER BY seq"))
+            f"SELECT {USER_ROW} FROM users ORDER BY seq"))
         return [_user(row) for row in rows]
 
     async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
@@ -341,7 +338,7 @@ class PgStore:
                     await conn.execute(f"UPDATE users SET {assignments} WHERE username = $1",
                                        username, *values.values())
                     await conn.execute("SELECT pg_notify($1, $2)", ACCOUNTS_CHANNEL, username)
-                row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE username = $1",
+                row = await conn.fetchrow(f"SELECT {USER_ROW} FROM users WHERE username = $1",
                                           username)
             return _user(row) if row else None
         return await self._run(run)
@@ -353,7 +350,7 @@ class PgStore:
         No notification: the old hash, cached elsewhere, verifies the same password."""
         row = await self._run(lambda conn: conn.fetchrow(
             f"UPDATE users SET password_hash = $3 WHERE username = $1 AND password_hash = $2 "
-            f"RETURNING {USER_COLUMNS}", username, old_hash, new_hash))
+            f"RETURNING {USER_ROW}", username, old_hash, new_hash))
         return _user(row) if row else None
 
     # -- events: group commit ------------------------------------------------------------
@@ -513,19 +510,6 @@ class PgStore:
                 latest, newest = await _with_newest_id(conn, LATEST_OF_TENANT, tenant_name)
                 rows = await conn.fetch(RECENT_OF_TENANT, tenant_name, recent)
             return latest, [Event(*row) for row in reversed(rows)], newest
-        return await self._run(run)
-
-    async def resume_page(self, username: str, tenant_name: str, after_id: int,
-                          limit: int) -> tuple[list[Event], int] | None:
-        """As events_after, when `after_id` can be a position in this tenant's log: not
-        newer than the newest event, and not the id of another tenant's event; None when
-        not (the caller sends the latest values). The rest of store.py's proof (id gaps,
-        pruning, access changes) has no records here yet, so it is not made."""
-        async def run(conn: asyncpg.Connection) -> tuple[list[Event], int] | None:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                if not await conn.fetchval(RESUME_PROOF, after_id, tenant_name):
-                    return None
-                return await _with_newest_id(conn, EVENTS_AFTER, tenant_name, after_id, limit)
         return await self._run(run)
 
     async def events_after(self, tenant_name: str, after_id: int,
