@@ -296,7 +296,7 @@ def postgres():
     if bindir is None:
         message = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
     elif importlib.util.find_spec("asyncpg") is None:
-        message = "asyncpg is not installed (pip install '.[test,postgres]')"
+        message = "asyncpg is not installed (pip install '.[test]')"
     if message:
         if os.environ.get("CI") == "true":
             pytest.fail(message + "; CI must run the PostgreSQL tests")
