@@ -398,13 +398,7 @@ async def _publish(plan: PublishPlan) -> dict:
             sent = time.monotonic()
             if plan.record_sends:
                 send_times[index] = sent
-            try:
-                status, _ = await client.request(data)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                status = -1
-                client.close()
-            latencies.append(time.monotonic() - sent)
-            statuses[status] = statuses.get(status, 0) + 1
+            await timed_request(client, data, sent, latencies, statuses)
         client.close()
 
     await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
@@ -416,6 +410,18 @@ async def _publish(plan: PublishPlan) -> dict:
             "request_p50": percentile(latencies, 50), "request_p99": percentile(latencies, 99),
             "request_max": max(latencies, default=None),
             "cpu": cpu_seconds() - cpu_before}
+
+
+async def timed_request(client: HttpClient, data: bytes, sent: float, latencies: list[float],
+                        statuses: dict[int, int]) -> None:
+    """One request on `client`; its latency since `sent` and its status (-1: failed) noted."""
+    try:
+        status, _ = await client.request(data)
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        status = -1
+        client.close()
+    latencies.append(time.monotonic() - sent)
+    statuses[status] = statuses.get(status, 0) + 1
 
 
 def publisher_main(conn: Connection, plan: PublishPlan) -> None:
@@ -438,13 +444,7 @@ async def _requests(channel: Channel, rate: float, seconds: float) -> dict:
         if delay > 0:
             await asyncio.sleep(delay)
         sent = time.monotonic()
-        try:
-            status, _ = await client.request(request)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            status = -1
-            client.close()
-        latencies.append(time.monotonic() - sent)
-        statuses[status] = statuses.get(status, 0) + 1
+        await timed_request(client, request, sent, latencies, statuses)
     client.close()
     return {"requests": len(latencies), "statuses": statuses,
             "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
