@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -442,9 +442,19 @@ class Fanout:
 
     SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
     LINGER = 0.005  # longest wait between two passes: at most this added to a latency
+    # The slice is one budget per turn of the loop, shared by every Fanout: a commit that
+    # reaches many permission groups or tenants still holds the loop for one slice at most.
+    budget = 0
+    budget_turn_open = False
+    # A round: from a pass starting while no Fanout had one under way, until none has. The
+    # next passes wait for the round to end, then linger as long as it took: a tenant split
+    # into permission groups (or many tenants at once) then batches like one large group,
+    # instead of each short pass starting over sooner and writing fewer frames per write.
+    passes_under_way = 0
+    round_started = 0.0
+    round_done: ClassVar[list[Fanout]] = []
 
-    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order", "pass_started",
-                 "running")
+    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order", "running")
 
     def __init__(self) -> None:
         self.members: dict[Connection, int] = {}  # member -> log index of its next frame
@@ -452,7 +462,6 @@ class Fanout:
         self.base = 0
         self.pass_order: list[Connection] = []  # this pass: members to visit, in order
         self.pass_at = 0  # next one of pass_order to visit
-        self.pass_started = 0.0  # loop time when this pass began
         self.running = False  # a pass is under way or scheduled
         self._joined: dict[tuple[int, bool], bytes] = {}  # (position, chunked) -> bytes
 
@@ -497,14 +506,47 @@ class Fanout:
         self._joined.clear()
         self.pass_order = [conn for conn, position in self.members.items() if position < end]
         self.pass_at = 0
-        self.pass_started = asyncio.get_running_loop().time()
         if self.pass_order:
+            self._begin_pass()
             self._slice()
         else:
             self.running = False
 
+    @classmethod
+    def _begin_pass(cls) -> None:
+        if cls.passes_under_way == 0:
+            # Not loop.time(): uvloop caches it per turn of the loop.
+            cls.round_started = time.monotonic()
+        cls.passes_under_way += 1
+
+    def _end_pass(self) -> None:
+        """After the round's last pass, every Fanout of the round starts its next pass
+        (writing what came meanwhile) once the round's time has passed again, at most
+        LINGER."""
+        Fanout.passes_under_way -= 1
+        Fanout.round_done.append(self)
+        if Fanout.passes_under_way == 0:
+            done, Fanout.round_done = Fanout.round_done, []
+            linger = min(time.monotonic() - Fanout.round_started, self.LINGER)
+            asyncio.get_running_loop().call_later(linger, _next_passes, done)
+
+    @classmethod
+    def _writes_allowed(cls, wanted: int) -> int:
+        """Up to `wanted` writes from what is left of this turn's slice."""
+        if not cls.budget_turn_open:
+            cls.budget_turn_open = True
+            cls.budget = cls.SLICE
+            asyncio.get_running_loop().call_soon(cls._close_budget_turn)
+        allowed = min(wanted, cls.budget)
+        cls.budget -= allowed
+        return allowed
+
+    @classmethod
+    def _close_budget_turn(cls) -> None:
+        cls.budget_turn_open = False
+
     def _slice(self) -> None:
-        stop = min(self.pass_at + self.SLICE, len(self.pass_order))
+        stop = self.pass_at + self._writes_allowed(len(self.pass_order) - self.pass_at)
         for conn in self.pass_order[self.pass_at:stop]:
             data = self.pending(conn)
             if data:
@@ -517,8 +559,12 @@ class Fanout:
         if stop < len(self.pass_order):
             loop.call_soon(self._slice)
         else:  # the pass is over; what comes meanwhile waits for the next one
-            took = loop.time() - self.pass_started
-            loop.call_later(min(took, self.LINGER), self._next_pass)
+            self._end_pass()
+
+
+def _next_passes(fanouts: list[Fanout]) -> None:
+    for fanout in fanouts:
+        fanout._next_pass()
 
 
 class Tenant:
