@@ -433,10 +433,11 @@ class Fanout:
     position share one joined bytes object: one encoding, no per-subscriber work.
 
     The send system call is the cost (6-8 us a write on loopback), not the bytes, so under
-    load fewer, larger writes are the lever: after a pass the writer waits as long as the
-    pass took, at most LINGER, before the next one, so commits gather meanwhile and the
-    loop is free for the publishers' requests at least half the time. An event that finds
-    the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was
+    load fewer, larger writes are the lever: after a round of passes (every Fanout's pass
+    under way at once: a tenant's permission groups, tenants written at the same time) the
+    writers wait as long as the round took, at most LINGER, before their next passes, so
+    commits gather meanwhile and the loop is free for the publishers' requests at least half
+    the time. An event that finds the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was
     measured too and lost on latency; see bench/README.md, "The fan-out writer".
     """
 
