@@ -437,8 +437,9 @@ class Fanout:
     under way at once: a tenant's permission groups, tenants written at the same time) the
     writers wait as long as the round took, at most LINGER, before their next passes, so
     commits gather meanwhile and the loop is free for the publishers' requests at least half
-    the time. An event that finds the writer idle is written at once, inside publish. Nagle (TCP_NODELAY off) was
-    measured too and lost on latency; see bench/README.md, "The fan-out writer".
+    the time. An event that finds the writer idle is written at once, inside publish. Nagle
+    (TCP_NODELAY off) was measured too and lost on latency; see bench/README.md, "The
+    fan-out writer".
     """
 
     SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
@@ -619,8 +620,8 @@ class TenantState:
         # reflects (it was evicted, or never cached).
         self.upto: int | None = None
 
-    def apply(self, event: Event) -> None:
-        frame = sse_frame(event)
+    def apply(self, event: Event, frame: bytes) -> None:
+        """Take in one event and its frame (encoded once, by publish())."""
         current = self.latest.get(event.event)
         if current is None or current[0] < event.id:
             self.latest[event.event] = (event.id, frame)
@@ -661,7 +662,7 @@ class TenantState:
             self.recent = [item for item in self.recent if item[0] > self.horizon]
             self.recent_bytes = sum(len(item[2]) for item in self.recent)
         for event in (*latest, *recent):
-            self.apply(event)
+            self.apply(event, sse_frame(event))
         self.size = self.recent_bytes + sum(len(frame) for _, frame in self.latest.values())
 
     def sync(self, reads: EventNames | None = None) -> bytes:
@@ -716,19 +717,19 @@ class StateCache:
         if state is not None:
             target[tenant] = state
 
-    def remember(self, events: list[Event]) -> None:
-        """Apply newly published events to the states that hold their tenants."""
-        for event in events:
-            name = event.tenant_name
-            state = self.active.get(name) or self.idle.get(name)
-            if state is not None:
-                before = state.size
-                state.apply(event)
-                self.size += state.size - before
-            elif name in self.loading:  # counted once loaded
-                self.loading[name].apply(event)
-        if self.size > self.max_bytes:
-            self.evict()
+    def held(self, tenant: str) -> TenantState | None:
+        """The tenant's state, kept or being loaded, without touching its LRU place."""
+        return self.active.get(tenant) or self.idle.get(tenant) or self.loading.get(tenant)
+
+    def remember(self, state: TenantState, batch: list[Event], frames: list[bytes]) -> None:
+        """Apply one tenant's newly published events (and their frames) to its state."""
+        before = state.size
+        for event, frame in zip(batch, frames):
+            state.apply(event, frame)
+        if self.loading.get(batch[0].tenant_name) is not state:  # else counted once loaded
+            self.size += state.size - before
+            if self.size > self.max_bytes:
+                self.evict()
 
     def evict(self, keep: TenantState | None = None) -> None:
         for pool in (self.idle, self.active):
@@ -798,27 +799,35 @@ class Hub:
             by_tenant.setdefault(event.tenant_name, []).append(event)
         for name, batch in by_tenant.items():
             groups = self.tenants.get(name)
-            if groups is None:
+            state = self.states.held(name)
+            if groups is None and state is None:
                 continue
-            frames = [sse_frame(event) for event in batch]
-            everything = b"".join(frames)
-            # A copy: a write can cut a slow subscriber and so remove its group.
-            for reads, group in tuple(groups.items()):
-                for held in group.syncing.values():
-                    held.extend(batch)  # Connection.send_events filters them
-                if not group.live:
-                    continue
-                payload, count = (everything, len(batch)) if reads is None else \
-                    readable_frames(reads, batch, frames, everything)
-                if count:
-                    self.frames_delivered += len(group.live) * count
-                    group.fanout.send(payload)
-        self.states.remember(events)
+            frames = [sse_frame(event) for event in batch]  # each event encoded once
+            if state is not None:
+                self.states.remember(state, batch, frames)
+            if groups is not None:
+                self.fan_out(groups, batch, frames)
         self.published_upto = events[-1].id
         for conn, sent_upto in list(self.waiting.items()):
             if sent_upto <= self.published_upto:
                 self.go_live(conn, sent_upto)
         self.release_caught_up()
+
+    def fan_out(self, groups: dict[EventNames | None, Tenant], batch: list[Event],
+                frames: list[bytes]) -> None:
+        """Hand one tenant's new frames to each permission group, as it may read them."""
+        everything = b"".join(frames)
+        # A copy: a write can cut a slow subscriber and so remove its group.
+        for reads, group in tuple(groups.items()):
+            for held in group.syncing.values():
+                held.extend(batch)  # Connection.send_events filters them
+            if not group.live:
+                continue
+            payload, count = (everything, len(batch)) if reads is None else \
+                readable_frames(reads, batch, frames, everything)
+            if count:
+                self.frames_delivered += len(group.live) * count
+                group.fanout.send(payload)
 
     async def published(self, upto: int) -> None:
         """Return once publish() has been handed every event up to `upto`."""
@@ -1488,8 +1497,8 @@ class App:
 
         The resume rule: replay only what the log can prove the client is missing. When it
         cannot (an id from another history or the future, a change of tenant or scopes at
-        or after it, events after it pruned; see Store.resume_page), send the latest values instead, as
-        on a fresh connect: the client is whole again, without any extra frame.
+        or after it, events after it pruned; see Store.resume_page), send the latest values
+        instead, as on a fresh connect: the client is whole again, without any extra frame.
 
         From memory, without SQL, when `after` is one of the tenant's recent events (which
         proves it is of this tenant and this history, and every later event is in memory)
@@ -1621,8 +1630,7 @@ class Connection(asyncio.Protocol):
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
                  "reads", "request", "started", "tenant", "timer", "transport", "unsent",
-                 "username",
-                 "write_paused")
+                 "username", "write_paused")
 
     def __init__(self, app: App) -> None:
         self.app = app

@@ -147,12 +147,6 @@ LATEST_OF_TENANT = """
     ORDER BY e.id"""
 RECENT_OF_TENANT = f"""
     SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 ORDER BY id DESC LIMIT $2"""
-EVENTS_AFTER = f"""
-    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
-        SELECT {EVENT_COLUMNS} FROM events
-        WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON true
-    ORDER BY e.id"""
-
 # Whether the log proves that a client holding $2 has seen all of tenant $1 up to it (the
 # conditions are store.py's RESUME_PROOF), with the newest id and the first page after $2,
 # all in one statement (one snapshot): one row of NULL events when there are none.
@@ -512,16 +506,10 @@ class PgStore:
             return latest, [Event(*row) for row in reversed(rows)], newest
         return await self._run(run)
 
-    async def events_after(self, tenant_name: str, after_id: int,
-                           limit: int) -> tuple[list[Event], int]:
-        """Up to `limit` events of the tenant with id > after_id, in id order, and the
-        newest event id of the whole log at that moment."""
-        return await self._run(lambda conn: _with_newest_id(conn, EVENTS_AFTER, tenant_name,
-                                                            after_id, limit))
-
     async def resume_page(self, username: str, tenant_name: str, after_id: int,
                           limit: int) -> tuple[list[Event], int] | None:
-        """As events_after, when the log proves that a client of `username` which has seen
+        """Events of the tenant after `after_id` (up to `limit`, in id order) and the newest
+        id of the log, when the log proves that a client of `username` which has seen
         `after_id` has seen everything of `tenant_name` up to it; None when it cannot
         (the caller then sends the latest values). Proof and page share one snapshot."""
         rows = await self._run(lambda conn: conn.fetch(RESUME_PAGE, tenant_name, after_id,

@@ -422,16 +422,10 @@ class Store:
                     [Event(*row) for row in reversed(newest_first)], newest)
         return await self._read(run)
 
-    async def events_after(self, tenant_name: str, after_id: int,
-                           limit: int) -> tuple[list[Event], int]:
-        """Up to `limit` events of the tenant with id > after_id, in id order, and the
-        newest event id of the whole log at that moment."""
-        return await self._read(lambda conn: _with_newest_id(conn, EVENTS_AFTER,
-                                                             (tenant_name, after_id, limit)))
-
     async def resume_page(self, username: str, tenant_name: str, after_id: int,
                           limit: int) -> tuple[list[Event], int] | None:
-        """As events_after, when the log proves that a client of `username` which has seen
+        """Events of the tenant after `after_id` (up to `limit`, in id order) and the newest
+        id of the log, when the log proves that a client of `username` which has seen
         `after_id` has seen everything of `tenant_name` up to it; None when it cannot
         (the caller then sends the latest values). Proof and page share one snapshot."""
         def run(conn: sqlite3.Connection) -> tuple[list[Event], int] | None:
@@ -571,17 +565,6 @@ RECENT_OF_TENANT = """
 EVENTS_AFTER = """
     SELECT id, tenant_name, event, data, timestamp FROM events
     WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?"""
-
-
-def _with_newest_id(conn: sqlite3.Connection, query: str,
-                    args: tuple) -> tuple[list[Event], int]:
-    conn.execute("BEGIN")  # one snapshot for both statements
-    try:
-        rows = conn.execute(query, args).fetchall()
-        newest = conn.execute(NEWEST_ID).fetchone()[0]
-    finally:
-        conn.execute("COMMIT")
-    return [Event(*row) for row in rows], newest
 
 
 def _start_id_range(conn: sqlite3.Connection) -> int:

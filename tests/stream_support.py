@@ -68,6 +68,14 @@ def wait_until_closed(stream: SSE, timeout: float) -> float | None:
         return time.monotonic() - start
 
 
+def assert_all_closed_within(streams: dict[str, SSE], since: float, seconds: float) -> None:
+    """Every stream was ended by the server within `seconds` of the monotonic time `since`."""
+    for kind, stream in streams.items():
+        took = wait_until_closed(stream, timeout=max(0.01, since + seconds - time.monotonic()))
+        assert took is not None, f"the {kind} stream was still open {seconds} s later"
+        stream.close()
+
+
 def dechunk(raw: bytes) -> tuple[bytes, bool]:
     """Decode HTTP/1.1 chunked framing. Returns the payload of the complete chunks and whether
     the terminating zero-size chunk was among them; a truncated tail is ignored."""
