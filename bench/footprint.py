@@ -5,7 +5,11 @@ soak that looks for leaks. Writes docs/bench/footprint.md and footprint.json.
     python bench/footprint.py --only startup,logins # a part
     python bench/footprint.py --soak-connects 5000 --soak-logins 500   # a short soak
 
-- startup: broker as its console script starts it, on a fresh database file, `--runs` times; the time from process start to the first `200` on `GET /`, and its RSS right then.
+- startup: broker as its console script starts it, from its modules installed with their
+  compiled bytecode as `pip install .` leaves them, on a fresh database file, `--runs` times;
+  the time from process start to the first `200` on `GET /`, and its RSS right then.
+- layers: what that RSS is made of. A fresh interpreter imports, one layer at a time, what
+  broker stands on (asyncio, sqlite3, h11, PyJWT) and then broker itself; its RSS after each.
 - logins: `POST /login` as fast as the server answers, 8 clients for `--login-seconds`, with
   the default Argon2 parameters and, as the peer in the same run, the previous defaults
   (argon2-cffi's: m=65536 KiB, t=3, p=4).
@@ -18,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import loadgen
@@ -53,23 +60,35 @@ def answers(port: int) -> bool:
         return False
 
 
+def install_modules(target: Path) -> Path:
+    """broker's modules with their bytecode, as `pip install .` leaves them: a start then reads
+    the .pyc files instead of compiling the sources, whatever PYTHONDONTWRITEBYTECODE says."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for module in pyproject["tool"]["setuptools"]["py-modules"]:
+        shutil.copy2(ROOT / f"{module}.py", target)
+    if not compileall.compile_dir(target, quiet=1):
+        raise RuntimeError("broker's modules did not compile")
+    return target
+
+
 def startup_once(workdir: Path, loop: str) -> tuple[float, int]:
-    """Seconds from process start to the first 200, and the RSS (KiB) at that moment."""
+    """Seconds from process start to the first 200, and the RSS (KiB) at that moment. workdir
+    holds the installed modules (install_modules)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-    # What the `broker` console script runs (`python -m broker` would compile broker.py at
-    # every start: a __main__ module is never cached); uvloop as broker picks it when it is
-    # installed, asyncio forced.
+    # What the `broker` console script runs; uvloop as broker picks it when it is installed,
+    # asyncio forced.
     launch = ["-c", CONSOLE_SCRIPT if loop == "uvloop" else BROKER_LOOPS["asyncio"]]
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *launch, "--host", HOST, "--port", str(port),
                              "--db", str(workdir / f"{port}.db"), "--admin_token", "x" * 20,
-                             "--log_level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--log_level", "warning"], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while not answers(port):
             if proc.poll() is not None or time.perf_counter() - started > 20:
-                raise RuntimeError("broker did not start")
+                proc.kill()
+                raise RuntimeError(f"broker did not start: {proc.communicate()[1][-2000:]}")
             time.sleep(0.002)
         return time.perf_counter() - started, proc_rss_kib(proc.pid)
     finally:
@@ -80,9 +99,10 @@ def startup_once(workdir: Path, loop: str) -> tuple[float, int]:
 def startup(runs: int) -> dict:
     result = {}
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        installed = install_modules(Path(tmp))
         for loop in ("uvloop", "asyncio"):
-            startup_once(Path(tmp), loop)  # warm the page cache and the .pyc files
-            samples = [startup_once(Path(tmp), loop) for _ in range(runs)]
+            startup_once(installed, loop)  # warm the page cache
+            samples = [startup_once(installed, loop) for _ in range(runs)]
             seconds = [s for s, _ in samples]
             rss = [r for _, r in samples]
             result[loop] = {"runs": runs, "ready_ms_median": round(statistics.median(seconds) * 1000),
@@ -91,6 +111,42 @@ def startup(runs: int) -> dict:
                             "rss_mib_max": round(max(rss) / 1024, 1)}
             log(f"startup on {loop}: {result[loop]}")
     return result
+
+
+# -- layers ------------------------------------------------------------------------------------
+# Each layer imports what the ones before it did not; broker's own modules come last. The
+# interpreter alone is the first row. asyncio imports ssl (so OpenSSL) whether or not TLS is
+# used; PyJWT's package imports its key-set client, which imports urllib.request.
+LAYERS = [("asyncio (with ssl and OpenSSL)", "asyncio"), ("sqlite3", "sqlite3"),
+          ("h11", "h11"), ("hashlib and hmac (OpenSSL's digests)", "hmac"),
+          ("urllib.request (for PyJWT's key-set client)", "urllib.request"),
+          ("PyJWT", "jwt"), ("broker and store, and the rest of the stdlib they use", "broker")]
+LAYERS_SCRIPT = """
+import sys
+def rss():
+    with open('/proc/self/status') as status:
+        return next(int(line.split()[1]) for line in status if line.startswith('VmRSS'))
+sizes = [rss()]
+for module in sys.argv[1:]:
+    __import__(module)
+    sizes.append(rss())
+print(sizes)  # a list of ints is JSON; json itself is not imported before the last reading
+"""
+
+
+def layers(runs: int) -> dict:
+    """RSS (MiB, median of `runs` fresh interpreters) after each layer of imports."""
+    with tempfile.TemporaryDirectory(prefix="bench-layers-") as tmp:
+        installed = install_modules(Path(tmp))
+        samples = [json.loads(subprocess.run(
+            [sys.executable, "-c", LAYERS_SCRIPT, *(module for _, module in LAYERS)],
+            cwd=installed, check=True, capture_output=True, text=True).stdout)
+            for _ in range(runs)]
+    names = ["the interpreter, nothing imported"] + [name for name, _ in LAYERS]
+    result = {name: round(statistics.median(run[i] for run in samples) / 1024, 1)
+              for i, name in enumerate(names)}
+    log(f"layers: {result}")
+    return {"runs": runs, "rss_mib_after": result}
 
 
 # -- logins -------------------------------------------------------------------------------------
@@ -195,6 +251,18 @@ def markdown(results: dict) -> str:
                          f"{row['ready_ms_max']} ms | {row['rss_mib_median']} MiB | "
                          f"{row['rss_mib_max']} MiB |")
         lines.append("")
+    if "layers" in results:
+        part = results["layers"]
+        lines += [f"## What the RSS at ready is made of ({part['ran']})", "",
+                  (f"A fresh interpreter imports one layer at a time (median of {part['runs']} "
+                   "runs); each row adds what the rows above did not import."), "",
+                  "| after importing | RSS | added |", "|---|---|---|"]
+        before = None
+        for name, mib in part["rss_mib_after"].items():
+            added = "" if before is None else f"+{mib - before:.1f} MiB"
+            lines.append(f"| {name} | {mib} MiB | {added} |")
+            before = mib
+        lines.append("")
     if "logins" in results:
         part = dict(results["logins"])
         lines += [f"## Logins, 8 clients, one hashing thread ({part.pop('ran')})", "",
@@ -222,7 +290,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="startup,logins,soak")
+    parser.add_argument("--only", default="startup,layers,logins,soak")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--login-seconds", type=float, default=10.0)
     parser.add_argument("--soak-connects", type=int, default=50_000)
@@ -239,6 +307,8 @@ def main() -> None:
     now = time.strftime("%Y-%m-%d %H:%M %Z")
     if "startup" in parts:
         results["startup"] = {"ran": now, **startup(args.runs)}
+    if "layers" in parts:
+        results["layers"] = {"ran": now, **layers(args.runs)}
     if "logins" in parts:
         results["logins"] = {"ran": now, **logins(args.login_seconds)}
     if "soak" in parts:
