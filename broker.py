@@ -448,10 +448,11 @@ class Fanout:
     # reaches many permission groups or tenants still holds the loop for one slice at most.
     budget = 0
     budget_turn_open = False
-    # A round: from a pass starting while no Fanout had one under way, until none has. The
-    # next passes wait for the round to end, then linger as long as it took: a tenant split
-    # into permission groups (or many tenants at once) then batches like one large group,
-    # instead of each short pass starting over sooner and writing fewer frames per write.
+    # A round: from a pass starting while no Fanout had one under way, until none has at the
+    # end of a turn of the loop (_end_round). The next passes wait for the round to end, then
+    # linger as long as it took: a tenant split into permission groups (or many tenants at
+    # once) then batches like one large group, instead of each short pass starting over
+    # sooner and writing fewer frames per write.
     passes_under_way = 0
     round_started = 0.0
     round_done: ClassVar[list[Fanout]] = []
@@ -516,20 +517,29 @@ class Fanout:
 
     @classmethod
     def _begin_pass(cls) -> None:
-        if cls.passes_under_way == 0:
+        if cls.passes_under_way == 0 and not cls.round_done:
             # Not loop.time(): uvloop caches it per turn of the loop.
             cls.round_started = time.monotonic()
         cls.passes_under_way += 1
 
     def _end_pass(self) -> None:
-        """After the round's last pass, every Fanout of the round starts its next pass
-        (writing what came meanwhile) once the round's time has passed again, at most
-        LINGER."""
         Fanout.passes_under_way -= 1
         Fanout.round_done.append(self)
         if Fanout.passes_under_way == 0:
-            done, Fanout.round_done = Fanout.round_done, []
-            linger = min(time.monotonic() - Fanout.round_started, self.LINGER)
+            asyncio.get_running_loop().call_soon(Fanout._end_round)
+
+    @classmethod
+    def _end_round(cls) -> None:
+        """When no pass is under way at the end of a turn, every Fanout of the round starts
+        its next pass (writing what came meanwhile) once the round's time has passed again,
+        at most LINGER. Not as soon as the last pass ends: a pass that fits in the first
+        slice ends inside the callback that started it (a commit's, the previous round's),
+        before the tenant's next permission group starts its own; the groups then drifted
+        apart into rounds of their own, each lingering less, so that every subscriber got
+        about 1.5 times as many writes as in one group, each carrying fewer frames."""
+        if cls.passes_under_way == 0 and cls.round_done:
+            done, cls.round_done = cls.round_done, []
+            linger = min(time.monotonic() - cls.round_started, cls.LINGER)
             asyncio.get_running_loop().call_later(linger, _next_passes, done)
 
     @classmethod
