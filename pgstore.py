@@ -377,6 +377,10 @@ class PgStore:
     async def _write_loop(self) -> None:
         while True:
             await self.queued_event.wait()
+            # One turn of the loop first, so that the inserts read meanwhile (and the answers
+            # of the last batch) go out with this batch rather than wait for the next commit:
+            # measured, fan-out to 100 subscribers gets fewer, larger batches (bench/).
+            await asyncio.sleep(0)
             batch, self.queued = self.queued[:MAX_BATCH], self.queued[MAX_BATCH:]
             if not self.queued:
                 self.queued_event.clear()
