@@ -122,7 +122,8 @@ DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
 # A batch transaction in ONE round trip: a single statement outside any transaction block,
-# so it commits when it ends. The function takes the commit-order lock, then reads `prior`,
+# so it commits when it ends (asyncpg returns its rows at ReadyForQuery, after that commit,
+# so an insert is still answered only once committed). The function takes the commit-order lock, then reads `prior`,
 # the newest id committed before this batch (a PL/pgSQL statement takes a fresh snapshot, so
 # it sees every batch that committed while this one waited for the lock), then inserts the
 # events, updates `latest` and notifies; it returns the ids and `prior`. The notification's
