@@ -116,6 +116,21 @@ def test_an_event_over_8_kB_is_delivered_through_every_process(brokers) -> None:
         stream.close()
 
 
+def test_an_event_reaches_the_other_processes_by_notification_not_the_safety_net(
+        brokers) -> None:
+    """A process reads the log when another one notifies (its own notifications it skips);
+    were the notifications ignored, events would wait for the read every 2 s."""
+    a, b, _ = brokers
+    auth = a.user(unique("notify"), tenant=unique("notify"))
+    stream = live_streams([b], auth, a)[0]
+    for n in range(3):
+        sent_at = time.monotonic()
+        event_id = a.insert(auth, "now", {"n": n}).json()["id"]
+        assert stream.next().id == event_id
+        assert time.monotonic() - sent_at < 1.0, "delivered by the safety net, not notified"
+    stream.close()
+
+
 def test_revoke_on_one_process_closes_streams_on_the_others_within_a_second(brokers) -> None:
     a, b, c = brokers
     name = unique("doomed")
