@@ -123,12 +123,13 @@ NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
 # A batch transaction in ONE round trip: a single statement outside any transaction block,
 # so it commits when it ends (asyncpg returns its rows at ReadyForQuery, after that commit,
-# so an insert is still answered only once committed). The function takes the commit-order lock, then reads `prior`,
-# the newest id committed before this batch (a PL/pgSQL statement takes a fresh snapshot, so
-# it sees every batch that committed while this one waited for the lock), then inserts the
-# events, updates `latest` and notifies; it returns the ids and `prior`. The notification's
-# payload names the sending process (PgStore.sender). Each round trip also waits for a turn
-# of a busy event loop, so one instead of three keeps commits short and batches large.
+# so an insert is still answered only once committed). The function takes the commit-order
+# lock, then reads `prior`, the newest id committed before this batch (a PL/pgSQL statement
+# takes a fresh snapshot, so it sees every batch that committed while this one waited for the
+# lock), then inserts the events, updates `latest` and notifies; it returns the ids and
+# `prior`. The notification's payload names the sending process (PgStore.sender). Each round
+# trip also waits for a turn of a busy event loop, so one instead of three keeps commits
+# short and batches large.
 INSERT_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION broker_insert_events(
     tenants TEXT[], names TEXT[], datas TEXT[], stamp BIGINT, channel TEXT, sender TEXT)
