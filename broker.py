@@ -532,11 +532,9 @@ class Fanout:
     def _end_round(cls) -> None:
         """When no pass is under way at the end of a turn, every Fanout of the round starts
         its next pass (writing what came meanwhile) once the round's time has passed again,
-        at most LINGER. Not as soon as the last pass ends: a pass that fits in the first
-        slice ends inside the callback that started it (a commit's, the previous round's),
-        before the tenant's next permission group starts its own; the groups then drifted
-        apart into rounds of their own, each lingering less, so that every subscriber got
-        about 1.5 times as many writes as in one group, each carrying fewer frames."""
+        at most LINGER. At the end of the turn, not when the last pass ends: a pass that
+        fits in one slice ends inside the callback that started it, before the tenant's
+        other permission groups have started theirs (bench/README.md has the numbers)."""
         if cls.passes_under_way == 0 and cls.round_done:
             done, cls.round_done = cls.round_done, []
             linger = min(time.monotonic() - cls.round_started, cls.LINGER)

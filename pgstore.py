@@ -532,10 +532,8 @@ class PgStore:
 
     async def resume_page(self, username: str, tenant_name: str, after_id: int,
                           limit: int) -> tuple[list[Event], int] | None:
-        """Events of the tenant after `after_id` (up to `limit`, in id order) and the newest
-        id of the log, when the log proves that a client of `username` which has seen
-        `after_id` has seen everything of `tenant_name` up to it; None when it cannot
-        (the caller then sends the latest values). Proof and page share one snapshot."""
+        """As store.Store.resume_page: the proof and the page in one statement (RESUME_PAGE),
+        so in one snapshot."""
         rows = await self._run(lambda conn: conn.fetch(RESUME_PAGE, tenant_name, after_id,
                                                        limit, username))
         if not rows[0][0]:
