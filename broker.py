@@ -43,7 +43,16 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import jwt
 
-from store import Event, Store, StoreError, User, UsernameTaken
+from store import (
+    Engine,
+    Event,
+    StoreError,
+    User,
+    UsernameTaken,
+    is_postgres_url,
+    open_store,
+    shown_db,
+)
 
 if TYPE_CHECKING:
     import argon2
@@ -53,6 +62,7 @@ log = logging.getLogger("broker")
 DEFAULT_ADMIN_TOKEN = "letmein"
 MAX_HEADER_BYTES = 16 * 1024
 SYNC_PAGE = 1000  # events read per query when replaying a backlog
+SYNC_BYTES = 1 << 20  # and at most about this many bytes of data
 FANOUT_SLICE = 256  # subscribers written per turn of the loop: 1-2 ms, 6-8 us a write
 JWT_ISSUER = "Broker"
 
@@ -71,7 +81,7 @@ def duration(text: str) -> float:
     return int(match.group(1)) * DURATION_UNITS.get(match.group(2), 0)
 
 
-OPTIONS: list[tuple[str, type, Any, str]] = [
+OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "port to listen on; 0 picks a free one"),
     ("db", str, "broker.db",
@@ -167,18 +177,6 @@ def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
     return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
                                  memory_cost=config.argon2_memory_kib,
                                  parallelism=config.argon2_parallelism)
-
-
-def is_postgres_url(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def shown_db(db: str) -> str:
-    """The database for the log, without a password in a URL."""
-    if not is_postgres_url(db):
-        return db
-    parts = urlsplit(db)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -753,7 +751,7 @@ class StateCache:
         self.evictions += 1
         state.upto = self.hub.published_upto  # no longer kept current
 
-    async def load(self, tenant: str, store: Store) -> TenantState:
+    async def load(self, tenant: str, store: Engine) -> TenantState:
         """Read a tenant's state from the store; concurrent callers share one read."""
         future = self.loads.get(tenant)
         if future is None:
@@ -761,10 +759,10 @@ class StateCache:
             future.add_done_callback(lambda _: self.loads.pop(tenant, None))
         return await asyncio.shield(future)
 
-    async def _load(self, tenant: str, store: Store) -> TenantState:
+    async def _load(self, tenant: str, store: Engine) -> TenantState:
         state = self.loading[tenant] = TenantState()  # publish() applies to it meanwhile
         try:
-            latest, recent, covered = await store.tenant_state(tenant, RECENT_LOADED)
+            latest, recent, covered, _ = await store.tenant_state(tenant, RECENT_LOADED)
             # Events up to `covered` are in what was read; wait until publish() has seen
             # them too, or they would be applied again later and sent twice.
             await asyncio.wait_for(self.hub.published(covered), STATE_LOAD_TIMEOUT)
@@ -853,7 +851,7 @@ class Hub:
                 elif not future.done():
                     future.set_result(None)
 
-    async def state_of(self, tenant: str, store: Store) -> tuple[TenantState, int]:
+    async def state_of(self, tenant: str, store: Engine) -> tuple[TenantState, int]:
         """The tenant's state, and the newest published id it reflects. No SQL, and no
         wait, when the state is cached; use it before awaiting anything else."""
         state = self.states.cached(tenant) or await self.states.load(tenant, store)
@@ -999,7 +997,7 @@ class Auth:
     MAX_QUEUED_HASHES = 64
     MAX_CACHED_TOKENS = 10_000
 
-    def __init__(self, store: Store, config: argparse.Namespace, jwt_secret: str) -> None:
+    def __init__(self, store: Engine, config: argparse.Namespace, jwt_secret: str) -> None:
         self.store = store
         self.config = config
         self.jwt_secret = jwt_secret
@@ -1229,7 +1227,7 @@ def weak_password_checker() -> Callable[[str], str | None]:
     try:
         from zxcvbn import zxcvbn
     except ImportError:
-        raise SystemExit("--password_checker needs zxcvbn: pip install 'broker[passwords]'")
+        raise SystemExit("--password_checker needs zxcvbn: from the checkout, pip install '.[passwords]'")
 
     def check(password: str) -> str | None:
         result = zxcvbn(password[:256])  # zxcvbn is slow on long input; 256 chars suffice
@@ -1313,19 +1311,6 @@ def label(value: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-async def open_store(db: str, on_commit: Callable[[list[Event]], None],
-                     on_account_change: Callable[[str | None], Awaitable[None]] | None = None
-                     ) -> Store:
-    """SQLite for a path; PostgreSQL for a postgresql:// URL (imported only then)."""
-    if not is_postgres_url(db):
-        return await Store.open(db, on_commit)
-    try:
-        from pgstore import PgStore
-    except ImportError:
-        raise SystemExit("--db postgresql://... needs asyncpg: pip install 'broker[postgres]'")
-    return await PgStore.open(db, on_commit, on_account_change)  # type: ignore[return-value]
-
-
 def user_object(user: User) -> dict[str, Any]:
     return {"id": user.id, "password": "***", "revoked": user.revoked,
             "tenant_name": user.tenant_name, "username": user.username, "email": user.email,
@@ -1346,7 +1331,7 @@ class App:
         self.password_checker = weak_password_checker() if config.password_checker else None
         self.stream_heads = {chunked: stream_head(config.origin, chunked)
                              for chunked in (True, False)}
-        self.store: Store
+        self.store: Engine
         self.auth: Auth
         Handler = Callable[[Request], Awaitable[Response]]
         self.routes: dict[str, dict[str, Handler]] = {
@@ -1366,7 +1351,7 @@ class App:
 
     async def start(self) -> None:
         self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
-        self.hub.published_upto = await self.store.newest_event_id()
+        self.hub.published_upto = self.store.published.upto
         secret = self.config.jwt_secret
         if not secret:
             secret = await self.store.setting_or_default("jwt_secret", secrets.token_hex(32))
@@ -1505,7 +1490,7 @@ class App:
 
         The resume rule: replay only what the log can prove the client is missing. When it
         cannot (an id from another history or the future, a change of tenant or scopes at
-        or after it, events after it pruned; see Store.resume_page), send the latest values
+        or after it, events after it pruned; see Engine.resume_page), send the latest values
         instead, as on a fresh connect: the client is whole again, without any extra frame.
 
         From memory, without SQL, when `after` is one of the tenant's recent events (which
@@ -1519,14 +1504,14 @@ class App:
             return covered
         while True:
             found = await self.store.resume_page(user.username, user.tenant_name, after,
-                                                 SYNC_PAGE)
+                                                 SYNC_PAGE, SYNC_BYTES)
             if found is None:
                 return await self.send_state(conn, user)
             page, newest = found
             if page:
                 conn.send_events(page)
                 after = page[-1].id
-            if len(page) < SYNC_PAGE:
+            if len(page) < SYNC_PAGE and sum(len(event.data) for event in page) < SYNC_BYTES:
                 return newest
             await conn.drained()
 
@@ -1978,9 +1963,9 @@ async def enforce_retention(app: App) -> None:
         deleted = 0
         try:
             while True:
-                count = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
-                deleted += count
-                if count < PRUNE_BATCH:
+                pruned = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
+                deleted += pruned.deleted
+                if not pruned.more:
                     break
         except StoreError as exc:
             log.warning("retention: pruning failed, trying again later: %s", exc)

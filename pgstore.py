@@ -1,5 +1,5 @@
 """PostgreSQL storage for broker: the interface of store.Store, for several broker processes
-sharing one database (`--db postgresql://...`). Needs asyncpg: pip install 'broker[postgres]'.
+sharing one database (`--db postgresql://...`). Needs asyncpg: from the checkout, pip install '.[postgres]'.
 
 PostgreSQL is both the shared store and the bus between processes:
 - Inserts are group-committed, as on SQLite: every insert queued while the previous batch
@@ -44,22 +44,33 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
 from store import (
-    EXPORT_PAGE,
+    HORIZON,
     MAX_BATCH,
+    PRUNE_SCAN,
+    PRUNE_SCAN_BATCHES,
+    RAISE_HORIZON,
+    RESUME_PROOF,
     TABLES,
     UPDATABLE,
     USER_ROW,
+    AccountHook,
+    CommitHook,
     Event,
+    PageOfTables,
+    Pruned,
     StoreError,
     User,
     UsernameTaken,
+    Watermark,
     _column_value,
+    export_pages,
+    plan_prune,
 )
 
 log = logging.getLogger("broker.pgstore")
@@ -155,58 +166,31 @@ BEGIN
 END $$"""
 INSERT_EVENTS = "SELECT new_id, prior_id FROM broker_insert_events($1, $2, $3, $4, $5, $6)"
 EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-# Sync reads: the events and the newest id of the whole log in ONE statement, so in one
-# snapshot and one round trip (one row of NULL events when there are none).
-LATEST_OF_TENANT = """
-    SELECT (SELECT coalesce(max(id), 0) FROM events), e.* FROM (SELECT 1) one LEFT JOIN (
+# Sync reads: the events, the newest id of the whole log and the tenant's pruned horizon in
+# ONE statement, so in one snapshot and one round trip (one row of NULL events when none).
+LATEST_OF_TENANT = f"""
+    SELECT ({NEWEST_ID}), ({HORIZON}), e.* FROM (SELECT 1) one LEFT JOIN (
         SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
         FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1) e ON true
     ORDER BY e.id"""
 RECENT_OF_TENANT = f"""
     SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 ORDER BY id DESC LIMIT $2"""
-# Whether the log proves that a client holding $2 has seen all of tenant $1 up to it (the
-# conditions are store.py's RESUME_PROOF), with the newest id and the first page after $2,
-# all in one statement (one snapshot): one row of NULL events when there are none.
+# The proof (store.RESUME_PROOF: tenant $1, id $2, user $3), the newest id and the first
+# page after $2 (up to $4 events, until their data reach $5 bytes), all in one statement
+# (one snapshot): one row of NULL events when there are none. octet_length reads a stored
+# value's size without loading it.
 RESUME_PAGE = f"""
-    SELECT head.proven, head.newest, e.* FROM (SELECT
-        $2 <= ({NEWEST_ID})
-        AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < $2
-                      ORDER BY after_id DESC LIMIT 1), 0) <= $2
-        AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
-        AND coalesce((SELECT access_changed_at FROM users WHERE username = $4), -1) < $2
-        AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1 AS proven,
-        ({NEWEST_ID}) AS newest) head
-    LEFT JOIN (SELECT {EVENT_COLUMNS} FROM events
-               WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3) e ON head.proven
+    SELECT head.proven, head.newest, e.id, e.tenant_name, e.event, e.data, e.timestamp
+    FROM (SELECT {RESUME_PROOF} AS proven, ({NEWEST_ID}) AS newest) head
+    LEFT JOIN (SELECT *, sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data)
+                         AS before
+               FROM (SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2
+                     ORDER BY id LIMIT $4) page) e ON head.proven AND e.before < $5
     ORDER BY e.id"""
-# Up to $2 events older than $1 (Unix seconds), oldest first, never the newest of a name in a
-# tenant, stopping at the first young one; the horizons go up in the same statement. Only the
-# first $2 + (rows of `latest`) events are looked at: the old rows that stay are latest values.
-PRUNE = """
-    WITH scan AS (
-        SELECT id, tenant_name, event, timestamp FROM events ORDER BY id
-        LIMIT $2::bigint + (SELECT count(*) FROM latest)),
-    doomed AS (
-        SELECT s.id FROM scan s
-        WHERE s.id < (SELECT coalesce(min(id), 9223372036854775807) FROM scan
-                      WHERE timestamp >= $1)
-          AND NOT EXISTS (SELECT 1 FROM latest l WHERE l.tenant_name = s.tenant_name
-                          AND l.event = s.event AND l.event_id = s.id)
-        ORDER BY s.id LIMIT $2::bigint),
-    deleted AS (DELETE FROM events WHERE id IN (SELECT id FROM doomed)
-                RETURNING id, tenant_name),
-    raised AS (
-        INSERT INTO pruned (tenant_name, upto)
-        SELECT tenant_name, max(id) FROM deleted GROUP BY tenant_name
-        ON CONFLICT (tenant_name) DO UPDATE SET upto = greatest(pruned.upto, excluded.upto))
-    SELECT count(*) FROM deleted"""
 RECORD_GAP = """
     INSERT INTO id_gaps (after_id, before_id) VALUES ($1, $2)
     ON CONFLICT (after_id) DO UPDATE SET before_id = greatest(id_gaps.before_id,
                                                               excluded.before_id)"""
-
-AccountHook = Callable[[str | None], Awaitable[None]]
-
 
 def _user(row: asyncpg.Record) -> User:
     return User(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]),
@@ -229,7 +213,7 @@ class PgStore:
     is awaited after another (or this) process changed that user, with None when changes
     may have been missed."""
 
-    def __init__(self, url: str, on_commit: Callable[[list[Event]], None],
+    def __init__(self, url: str, on_commit: CommitHook,
                  on_account_change: AccountHook | None) -> None:
         self.url = url
         self.on_commit = on_commit
@@ -238,8 +222,8 @@ class PgStore:
         self.pool: asyncpg.Pool | None = None
         self.queued: list[_Insert] = []
         self.queued_event = asyncio.Event()  # set when `queued` has inserts
-        self.published = 0  # the newest id handed to on_commit
-        self.publish_waiters: list[tuple[int, asyncio.Future]] = []
+        self.published = Watermark()
+        self.prune_after = 0  # where the next prune call of a sweep continues
         self.wake = asyncio.Event()  # the log has (or may have) news: read it
         # The payload of this process's own notifications: _answer publishes its own batches
         # (or wakes the catch-up itself), so hearing them back needs no read of the log.
@@ -249,7 +233,7 @@ class PgStore:
         self.answering: set[asyncio.Task] = set()  # a reference keeps them running
 
     @classmethod
-    async def open(cls, url: str, on_commit: Callable[[list[Event]], None],
+    async def open(cls, url: str, on_commit: CommitHook,
                    on_account_change: AccountHook | None = None) -> PgStore:
         store = cls(url, on_commit, on_account_change)
         try:
@@ -262,7 +246,7 @@ class PgStore:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                 await conn.execute(SCHEMA)
                 await conn.execute(INSERT_FUNCTION)
-                store.published = await conn.fetchval(NEWEST_ID)
+                store.published.upto = await conn.fetchval(NEWEST_ID)
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
                 await _start_id_range(conn)
         except Exception as exc:  # noqa: BLE001 - a bad URL, refused login, missing database
@@ -414,18 +398,16 @@ class PgStore:
         return events, rows[0][1]
 
     async def _answer(self, batch: list[_Insert], events: list[Event], prior: int) -> None:
-        if self.published >= prior:
+        if self.published.upto >= prior:
             # Everything committed before this batch is published already: publish it now,
             # without reading it back (whatever the catch-up published meanwhile is skipped).
-            self._publish([e for e in events if e.id > self.published])
-        elif self.published < events[-1].id:
+            self._publish([e for e in events if e.id > self.published.upto])
+        elif self.published.upto < events[-1].id:
             self.wake.set()  # others' events come first: the catch-up reads ours after them
-            waiter = self.loop.create_future()
-            self.publish_waiters.append((events[-1].id, waiter))
             try:
                 # Committed is acknowledged: if reading it back stalls (the database just
                 # went down), answer anyway; it is published when the database is back.
-                await asyncio.wait_for(asyncio.shield(waiter), PUBLISH_WAIT)
+                await asyncio.wait_for(self.published.reached(events[-1].id), PUBLISH_WAIT)
             except TimeoutError:
                 log.warning("event %d committed but not yet published", events[-1].id)
         for job, event in zip(batch, events):
@@ -451,9 +433,9 @@ class PgStore:
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         while True:
-            rows = await conn.fetch(EVENTS_SINCE, self.published, CATCH_UP_PAGE)
+            rows = await conn.fetch(EVENTS_SINCE, self.published.upto, CATCH_UP_PAGE)
             # An own batch may have been published while this read was under way.
-            self._publish([Event(*row) for row in rows if row[0] > self.published])
+            self._publish([Event(*row) for row in rows if row[0] > self.published.upto])
             if len(rows) < CATCH_UP_PAGE:
                 return
 
@@ -461,16 +443,11 @@ class PgStore:
         """Hand events to on_commit: always the next ones after `published`, in id order."""
         if not events:
             return
-        self.published = events[-1].id
         try:
             self.on_commit(events)
         except Exception:  # keep delivering
             log.exception("publishing committed events failed")
-        done = [(i, w) for i, w in self.publish_waiters if i <= self.published]
-        self.publish_waiters = [(i, w) for i, w in self.publish_waiters if i > self.published]
-        for _, waiter in done:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.published.advance(events[-1].id)
 
     async def _listen_loop(self) -> None:
         """Keep one connection LISTENing; reconnect when it drops, then recover."""
@@ -520,37 +497,42 @@ class PgStore:
         return await self._run(lambda conn: conn.fetchval(NEWEST_ID))
 
     async def tenant_state(self, tenant_name: str,
-                           recent: int) -> tuple[list[Event], list[Event], int]:
-        """The newest event of each name in the tenant, its `recent` newest events (both
-        oldest first), and the newest event id of the whole log, all from one snapshot."""
-        async def run(conn: asyncpg.Connection) -> tuple[list[Event], list[Event], int]:
+                           recent: int) -> tuple[list[Event], list[Event], int, int]:
+        """As store.Engine.tenant_state: one repeatable-read transaction."""
+        async def run(conn: asyncpg.Connection) -> tuple[list[Event], list[Event], int, int]:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                latest, newest = await _with_newest_id(conn, LATEST_OF_TENANT, tenant_name)
+                latest = await conn.fetch(LATEST_OF_TENANT, tenant_name)
                 rows = await conn.fetch(RECENT_OF_TENANT, tenant_name, recent)
-            return latest, [Event(*row) for row in reversed(rows)], newest
+            return ([Event(*row[2:]) for row in latest if row[2] is not None],
+                    [Event(*row) for row in reversed(rows)], latest[0][0], latest[0][1])
         return await self._run(run)
 
-    async def resume_page(self, username: str, tenant_name: str, after_id: int,
-                          limit: int) -> tuple[list[Event], int] | None:
-        """As store.Store.resume_page: the proof and the page in one statement (RESUME_PAGE),
-        so in one snapshot."""
+    async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,
+                          max_bytes: int) -> tuple[list[Event], int] | None:
+        """As store.Engine.resume_page: the proof and the page in one statement
+        (RESUME_PAGE), so in one snapshot."""
         rows = await self._run(lambda conn: conn.fetch(RESUME_PAGE, tenant_name, after_id,
-                                                       limit, username))
+                                                       username, limit, max_bytes))
         if not rows[0][0]:
             return None
         return [Event(*row[2:]) for row in rows if row[2] is not None], rows[0][1]
 
-    async def prune(self, older_than: int, batch: int = 500) -> int:
-        """Delete up to `batch` events with a timestamp before `older_than` (Unix seconds),
-        never the newest of a name in a tenant, oldest first, raising each tenant's horizon
-        in `pruned` in the same transaction. Returns how many went; call again until it
-        returns less than `batch`. One process at a time: the others get 0 meanwhile."""
-        async def run(conn: asyncpg.Connection) -> int:
+    async def prune(self, older_than: int, batch: int = 500) -> Pruned:
+        """As store.Engine.prune: one transaction (see store.plan_prune), one process at a
+        time (PRUNE_LOCK)."""
+        async def run(conn: asyncpg.Connection) -> tuple[Pruned, int]:
             async with conn.transaction():
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
-                    return 0  # another process is pruning: it does this round's work
-                return await conn.fetchval(PRUNE, older_than, batch)
-        return await self._run(run)
+                    return Pruned(0, {}, False), 0  # another process does this sweep
+                rows = await conn.fetch(PRUNE_SCAN, self.prune_after,
+                                        batch * PRUNE_SCAN_BATCHES)
+                doomed, uptos, cursor = plan_prune(rows, older_than, batch)
+                await conn.execute("DELETE FROM events WHERE id = ANY($1::bigint[])", doomed)
+                raised = {tenant: upto for tenant, upto in uptos.items()
+                          if await conn.fetchval(RAISE_HORIZON, tenant, upto)}
+            return Pruned(len(doomed), raised, cursor is not None), cursor or 0
+        pruned, self.prune_after = await self._run(run)
+        return pruned
 
     # -- whole-database copies (broker migrate) -----------------------------------------
     async def table_counts(self) -> dict[str, int]:
@@ -559,23 +541,14 @@ class PgStore:
                     for table in TABLES}
         return await self._run(run)
 
-    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
-        """Every row of every table as (table, rows) pages, columns as in store.TABLES;
-        users in creation order, events in id order."""
-        for table, columns in TABLES.items():
-            if table != "events":
-                order = "seq" if table == "users" else "1, 2"
-                rows = await self._run(lambda conn, q=f"SELECT {columns} FROM {table} "
-                                       f"ORDER BY {order}": conn.fetch(q))
-                yield table, [tuple(row) for row in rows]
-                continue
-            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-            while page := await self._run(lambda conn, q=query, a=after: conn.fetch(
-                    q, a, EXPORT_PAGE)):
-                yield table, [tuple(row) for row in page]
-                after = page[-1][0]
+    def export_tables(self) -> PageOfTables:
+        return export_pages(self._rows, "seq")
 
-    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+    async def _rows(self, query: str, *args: Any) -> list[tuple]:
+        """The rows of one statement, as tuples."""
+        return [tuple(row) for row in await self._run(lambda conn: conn.fetch(query, *args))]
+
+    async def import_tables(self, pages: PageOfTables) -> None:
         """Insert export_tables' pages (of any engine) into this empty database in one
         transaction, ids kept; the id sequence restarts above the largest."""
         async def run(conn: asyncpg.Connection) -> None:
@@ -591,12 +564,6 @@ class PgStore:
                 await conn.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), "
                                    "coalesce(max(id), 0) + 1, false) FROM events")
         await self._run(run)
-
-
-async def _with_newest_id(conn: asyncpg.Connection, query: str,
-                          *args: Any) -> tuple[list[Event], int]:
-    rows = await conn.fetch(query, *args)
-    return [Event(*row[1:]) for row in rows if row[1] is not None], rows[0][0]
 
 
 async def _start_id_range(conn: asyncpg.Connection) -> None:

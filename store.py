@@ -21,10 +21,11 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -99,6 +100,11 @@ class UsernameTaken(Exception):
     pass
 
 
+class QuotaExceeded(Exception):
+    """An insert would take its tenant past --max_event_names or --max_tenant_bytes; the
+    message names the limit. Nothing was stored."""
+
+
 @dataclass(slots=True)
 class User:
     id: str
@@ -124,10 +130,141 @@ class Event:
     timestamp: int
 
 
+@dataclass(slots=True)
+class Pruned:
+    """What one prune call did: how many events it deleted, each tenant whose horizon it
+    raised with the new horizon, and whether to call again now (more old events may wait)."""
+    deleted: int
+    horizons: dict[str, int]
+    more: bool
+
+
+class Watermark:
+    """The newest event id handed to on_commit, and a way to wait until one has been."""
+
+    def __init__(self, upto: int = 0) -> None:
+        self.upto = upto
+        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def advance(self, upto: int) -> None:
+        """Set `upto` and wake every waiter for an id up to it."""
+        self.upto = upto
+        if self.waiters:
+            ready = [future for wanted, future in self.waiters if wanted <= upto]
+            self.waiters = [(wanted, future) for wanted, future in self.waiters if wanted > upto]
+            for future in ready:
+                if not future.done():  # a waiter that gave up (a timeout) is cancelled
+                    future.set_result(None)
+
+    async def reached(self, upto: int) -> None:
+        """Return once `self.upto >= upto`."""
+        if upto > self.upto:
+            future = asyncio.get_running_loop().create_future()
+            self.waiters.append((upto, future))
+            await future
+
+
 def _user(row: tuple) -> User:
     uid, username, pw_hash, revoked, tenant, email, scopes, data, valid_after, changed = row
     return User(uid, username, pw_hash, bool(revoked), tenant, email, json.loads(scopes),
                 None if data is None else json.loads(data), valid_after, changed)
+
+
+CommitHook = Callable[[list[Event]], None]
+AccountHook = Callable[[str | None], Awaitable[None]]
+PageOfTables = AsyncIterator[tuple[str, list[tuple]]]
+
+
+class Engine(Protocol):
+    """What broker.py and tools.py use of a storage engine: `Store` (SQLite, this file) and
+    `pgstore.PgStore` (PostgreSQL); `open_store` opens the one a --db names.
+
+    Every coroutine raises StoreError when the database cannot do it now (down, unreachable,
+    disk full, locked, read-only); nothing was changed then, unless its docstring says
+    otherwise, and the caller may try again later. Committed means durable: on disk (SQLite,
+    synchronous=FULL) or committed by PostgreSQL.
+
+    on_commit(events), given to open_store, runs on the event loop with every committed event
+    exactly once, in id order, in batches; on PostgreSQL those of every process sharing the
+    database. Ids increase with every insert and are never reused."""
+
+    # The newest id handed to on_commit: set at open to the newest id of the log, advanced
+    # right after each on_commit call. Waiting on it is how a reader of the log catches up
+    # with what on_commit delivered.
+    published: Watermark
+
+    async def close(self) -> None:
+        """Finish the reads and writes under way, then close every connection."""
+
+    async def setting_or_default(self, key: str, default: str) -> str:
+        """The stored value of `key`; stores `default` first when there is none (of
+        processes starting at once, the first one's wins)."""
+
+    async def create_user(self, user: User) -> None:
+        """Store a new user (not its access_changed_at). Raises UsernameTaken."""
+
+    async def get_user(self, username: str) -> User | None:
+        """The user as committed, or None."""
+
+    async def list_users(self) -> list[User]:
+        """Every user, in creation order."""
+
+    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
+        """Apply `changes` (keys from UPDATABLE; another key raises ValueError) in one
+        transaction and return the updated user, or None when there is none. When the tenant
+        or the scopes really change, access_changed_at becomes the newest event id, in the
+        same transaction (see resume_page). On PostgreSQL, every process hears of it
+        (on_account_change)."""
+
+    async def replace_password_hash(self, username: str, old_hash: str,
+                                    new_hash: str) -> User | None:
+        """Set the password hash to `new_hash` if it is still `old_hash` (a rehash with new
+        parameters must not undo a password change); the updated user, or None."""
+
+    async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
+        """Append an event (data: compact JSON text) and make it the tenant's latest value
+        of `event`; returns once it is committed and handed to on_commit. Raises
+        QuotaExceeded (nothing stored, nothing delivered) when it would take the tenant past
+        a limit given to open_store."""
+
+    async def newest_event_id(self) -> int:
+        """The newest id of the log (0 when empty), as committed now."""
+
+    async def tenant_state(self, tenant_name: str,
+                           recent: int) -> tuple[list[Event], list[Event], int, int]:
+        """The newest event of each name in the tenant, its `recent` newest events (both
+        oldest first), the newest event id of the whole log, and the tenant's pruned horizon
+        (the newest id retention deleted from it; 0 when none), all from one snapshot."""
+
+    async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,
+                          max_bytes: int) -> tuple[list[Event], int] | None:
+        """When the log proves that a client of `username` which has seen `after_id` has
+        seen everything of `tenant_name` up to it: the tenant's events after `after_id`, in
+        id order, up to `limit` of them and stopping once their data reach `max_bytes` in
+        total (at least one when there is one), and the newest id of the log. None when it
+        cannot prove it (the caller then sends the latest values). Proof and page come from
+        one snapshot. The proof (RESUME_PROOF): the id was issued here (not newer than the
+        newest, not in a gap of ids never issued), no event of the tenant after it was
+        pruned, the user's tenant and scopes did not change at or after it, and it is not the
+        id of another tenant's event."""
+
+    async def prune(self, older_than: int, batch: int = 500) -> Pruned:
+        """Delete up to `batch` events with a timestamp before `older_than` (Unix seconds),
+        oldest first, never the newest of a name in a tenant, raising each tenant's horizon
+        in the same transaction. One call examines a bounded number of rows (it continues
+        where the previous call of the sweep stopped); call again while `more`. On
+        PostgreSQL one process prunes at a time: the others' calls do nothing meanwhile."""
+
+    async def table_counts(self) -> dict[str, int]:
+        """The number of rows of every table of TABLES."""
+
+    def export_tables(self) -> PageOfTables:
+        """Every row of every table as (table, rows) pages, columns as in TABLES; users in
+        creation order, events in id order."""
+
+    async def import_tables(self, pages: PageOfTables) -> None:
+        """Insert export_tables' pages (of either engine) into this empty database, ids
+        kept; new events get ids above them."""
 
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
@@ -160,9 +297,11 @@ class Store:
     loop after each commit with the events it made durable, in id order, before any of the
     inserting requests is answered."""
 
-    def __init__(self, path: str, on_commit: Callable[[list[Event]], None]) -> None:
+    def __init__(self, path: str, on_commit: CommitHook) -> None:
         self.path = path
         self.on_commit = on_commit
+        self.published = Watermark()
+        self.prune_after = 0  # where the next prune call of a sweep continues
         self.loop = asyncio.get_running_loop()
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.local = threading.local()
@@ -174,7 +313,7 @@ class Store:
         self.lock_fd: int | None = None
 
     @classmethod
-    async def open(cls, path: str, on_commit: Callable[[list[Event]], None]) -> Store:
+    async def open(cls, path: str, on_commit: CommitHook) -> Store:
         """Create or check the database. Raises StoreError when it is corrupt or unreadable,
         rather than silently starting over with an empty one."""
         store = cls(path, on_commit)
@@ -205,6 +344,7 @@ class Store:
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+            self.published.upto = conn.execute(NEWEST_ID).fetchone()[0]
             self.id_floor = _start_id_range(conn)
         except BaseException:
             conn.close()
@@ -291,6 +431,7 @@ class Store:
                 self.on_commit(events)
             except Exception:  # never leave the writers' requests unanswered
                 log.exception("publishing committed events failed")
+            self.published.advance(events[-1].id)
         for job in batch:
             if job.future.done():  # the request was cancelled (client went away)
                 continue
@@ -407,64 +548,57 @@ class Store:
         return await self._read(run)
 
     async def tenant_state(self, tenant_name: str,
-                           recent: int) -> tuple[list[Event], list[Event], int]:
-        """The newest event of each name in the tenant, its `recent` newest events (both
-        oldest first), and the newest event id of the whole log, all from one snapshot."""
-        def run(conn: sqlite3.Connection) -> tuple[list[Event], list[Event], int]:
+                           recent: int) -> tuple[list[Event], list[Event], int, int]:
+        """As Engine.tenant_state: one read transaction."""
+        def run(conn: sqlite3.Connection) -> tuple[list[Event], list[Event], int, int]:
             conn.execute("BEGIN")
             try:
                 latest = conn.execute(LATEST_OF_TENANT, (tenant_name,)).fetchall()
                 newest_first = conn.execute(RECENT_OF_TENANT, (tenant_name, recent)).fetchall()
                 newest = conn.execute(NEWEST_ID).fetchone()[0]
+                horizon = conn.execute(HORIZON, _named(tenant_name)).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
             return ([Event(*row) for row in latest],
-                    [Event(*row) for row in reversed(newest_first)], newest)
+                    [Event(*row) for row in reversed(newest_first)], newest, horizon)
         return await self._read(run)
 
-    async def resume_page(self, username: str, tenant_name: str, after_id: int,
-                          limit: int) -> tuple[list[Event], int] | None:
-        """Events of the tenant after `after_id` (up to `limit`, in id order) and the newest
-        id of the log, when the log proves that a client of `username` which has seen
-        `after_id` has seen everything of `tenant_name` up to it; None when it cannot
-        (the caller then sends the latest values). Proof and page share one snapshot."""
+    async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,
+                          max_bytes: int) -> tuple[list[Event], int] | None:
+        """As Engine.resume_page: one read transaction; the page is read row by row, so
+        nothing past `max_bytes` is loaded."""
         def run(conn: sqlite3.Connection) -> tuple[list[Event], int] | None:
             conn.execute("BEGIN")
             try:
-                proven = conn.execute(RESUME_PROOF, {"after": after_id, "tenant": tenant_name,
-                                                     "username": username}).fetchone()[0]
+                proven = conn.execute(f"SELECT {RESUME_PROOF}",
+                                      _named(tenant_name, after_id, username)).fetchone()[0]
                 if not proven:
                     return None
-                rows = conn.execute(EVENTS_AFTER, (tenant_name, after_id, limit)).fetchall()
+                page, size = [], 0
+                rows = conn.execute(EVENTS_AFTER, (tenant_name, after_id, limit))
+                for row in rows:
+                    page.append(Event(*row))
+                    size += len(row[3])
+                    if size >= max_bytes:
+                        break
+                rows.close()
                 newest = conn.execute(NEWEST_ID).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
-            return [Event(*row) for row in rows], newest
+            return page, newest
         return await self._read(run)
 
-    async def prune(self, older_than: int, batch: int = 500) -> int:
-        """Delete up to `batch` events with a timestamp before `older_than` (Unix seconds),
-        never the newest of a name in a tenant (the `latest` table), oldest first. Raises
-        each tenant's horizon in `pruned` in the same transaction. Returns how many went;
-        call again until it returns less than `batch`."""
-        def run(conn: sqlite3.Connection) -> int:
-            doomed: list[tuple[int, str]] = []
-            # Ids follow time, so the scan stops at the first event young enough to keep;
-            # the only old rows it passes again and again are the kept latest values.
-            scan = conn.execute(PRUNE_SCAN)
-            for event_id, tenant, stamp, is_latest in scan:
-                if stamp >= older_than or len(doomed) == batch:
-                    break
-                if not is_latest:
-                    doomed.append((event_id, tenant))
-            scan.close()  # end the scan before deleting from the table it reads
-            conn.executemany("DELETE FROM events WHERE id = ?", [(i,) for i, _ in doomed])
-            horizons: dict[str, int] = {}
-            for event_id, tenant in doomed:
-                horizons[tenant] = max(event_id, horizons.get(tenant, 0))
-            conn.executemany(RAISE_HORIZON, horizons.items())
-            return len(doomed)
-        return await self._write(run)
+    async def prune(self, older_than: int, batch: int = 500) -> Pruned:
+        """As Engine.prune: one write transaction (see plan_prune)."""
+        def run(conn: sqlite3.Connection) -> tuple[Pruned, int]:
+            rows = conn.execute(PRUNE_SCAN, _named(self.prune_after, batch * PRUNE_SCAN_BATCHES))
+            doomed, uptos, cursor = plan_prune(rows.fetchall(), older_than, batch)
+            conn.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
+            raised = {tenant: upto for tenant, upto in uptos.items()
+                      if conn.execute(RAISE_HORIZON, _named(tenant, upto)).fetchall()}
+            return Pruned(len(doomed), raised, cursor is not None), cursor or 0
+        pruned, self.prune_after = await self._write(run)
+        return pruned
 
     # -- whole-database copies (broker migrate) -----------------------------------------
     async def table_counts(self) -> dict[str, int]:
@@ -473,22 +607,14 @@ class Store:
                     for table in TABLES}
         return await self._read(run)
 
-    async def export_tables(self) -> AsyncIterator[tuple[str, list[tuple]]]:
-        """Every row of every table as (table, rows) pages, columns as in TABLES; users in
-        creation order, events in id order."""
-        for table, columns in TABLES.items():
-            if table != "events":
-                order = "rowid" if table == "users" else "1, 2"
-                query = f"SELECT {columns} FROM {table} ORDER BY {order}"
-                yield table, await self._read(lambda conn, q=query: conn.execute(q).fetchall())
-                continue
-            after, query = 0, f"SELECT {columns} FROM events WHERE id > ? ORDER BY id LIMIT ?"
-            while page := await self._read(lambda conn, q=query, a=after: conn.execute(
-                    q, (a, EXPORT_PAGE)).fetchall()):
-                yield table, page
-                after = page[-1][0]
+    def export_tables(self) -> PageOfTables:
+        return export_pages(self._rows, "rowid")
 
-    async def import_tables(self, pages: AsyncIterator[tuple[str, list[tuple]]]) -> None:
+    async def _rows(self, query: str, *args: Any) -> list[tuple]:
+        """The rows of one read (a statement with $1, $2... placeholders)."""
+        return await self._read(lambda conn: conn.execute(query, _named(*args)).fetchall())
+
+    async def import_tables(self, pages: PageOfTables) -> None:
         """Insert export_tables' pages (of any engine) into this empty database, ids kept:
         new events get ids above them (a rowid continues from the largest)."""
         # The gap this open recorded for the empty log gives way to the source's gaps (it
@@ -501,7 +627,10 @@ class Store:
                 rows = [(*row[:3], int(row[3]), *row[4:]) for row in rows]
             statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
                         f"({', '.join('?' * len(rows[0]))})"
-            await self._write(lambda conn, s=statement, r=rows: conn.executemany(s, r).rowcount)
+
+            def insert(conn: sqlite3.Connection, query: str = statement, page: list = rows) -> None:
+                conn.executemany(query, page)
+            await self._write(insert)
 
 
 def _lock_for_this_process(path: str) -> int:
@@ -534,27 +663,34 @@ NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
 INSERT_EVENT = f"""
     INSERT INTO events (id, tenant_name, event, data, timestamp)
     VALUES (max(?, ({NEWEST_ID}) + 1), ?, ?, ?, ?)"""
-# Whether the log proves that a client holding `after` has seen all of the tenant up to it:
-# the id was issued here (not newer than the newest, not in a gap of ids never issued: a
-# restored backup, another database), the events after it were not pruned, the user's tenant
-# or scopes did not change at or after it, and it is not the id of another tenant's event
-# (which only a stream of that tenant could have sent).
+# Statements with $1, $2... are the same text on both engines: asyncpg binds them by
+# position, sqlite3 by name (see _named).
+#
+# Whether the log proves that a client of user $3 holding id $2 has seen all of tenant $1 up
+# to it: the id was issued here (not newer than the newest, not in a gap of ids never issued:
+# a restored backup, another database), the events after it were not pruned, the user's
+# tenant or scopes did not change at or after it, and it is not the id of another tenant's
+# event (which only a stream of that tenant could have sent). An SQL expression.
 RESUME_PROOF = f"""
-    SELECT :after <= ({NEWEST_ID})
-       AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < :after
-                     ORDER BY after_id DESC LIMIT 1), 0) <= :after
-       AND coalesce((SELECT upto FROM pruned WHERE tenant_name = :tenant), 0) <= :after
-       AND coalesce((SELECT access_changed_at FROM users WHERE username = :username), -1)
-           < :after
-       AND coalesce((SELECT tenant_name FROM events WHERE id = :after), :tenant) = :tenant"""
+    $2 <= ({NEWEST_ID})
+    AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < $2
+                  ORDER BY after_id DESC LIMIT 1), 0) <= $2
+    AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
+    AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
+    AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
+HORIZON = "SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1"
+# Retention: up to $2 events after $1 in id order; whether each is the newest of its name.
 PRUNE_SCAN = """
     SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e
     LEFT JOIN latest l ON l.tenant_name = e.tenant_name AND l.event = e.event
                       AND l.event_id = e.id
-    ORDER BY e.id"""
+    WHERE e.id > $1 ORDER BY e.id LIMIT $2"""
+PRUNE_SCAN_BATCHES = 4  # one prune call examines at most this many batches' worth of rows
+# A row when it raised tenant $1's horizon to $2.
 RAISE_HORIZON = """
-    INSERT INTO pruned (tenant_name, upto) VALUES (?, ?)
-    ON CONFLICT (tenant_name) DO UPDATE SET upto = max(upto, excluded.upto)"""
+    INSERT INTO pruned (tenant_name, upto) VALUES ($1, $2)
+    ON CONFLICT (tenant_name) DO UPDATE SET upto = excluded.upto
+    WHERE excluded.upto > pruned.upto RETURNING upto"""
 LATEST_OF_TENANT = """
     SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
     FROM latest l JOIN events e ON e.id = l.event_id
@@ -565,6 +701,50 @@ RECENT_OF_TENANT = """
 EVENTS_AFTER = """
     SELECT id, tenant_name, event, data, timestamp FROM events
     WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?"""
+
+
+def _named(*args: Any) -> dict[str, Any]:
+    """Arguments for a statement with $1, $2... placeholders, as sqlite3 binds them."""
+    return {str(number): arg for number, arg in enumerate(args, start=1)}
+
+
+async def export_pages(rows: Callable[..., Awaitable[list[tuple]]],
+                       users_order: str) -> PageOfTables:
+    """Engine.export_tables, given the engine's `rows(query, *args)` and the column that
+    orders its users by creation."""
+    for table, columns in TABLES.items():
+        if table != "events":
+            order = users_order if table == "users" else "1, 2"
+            yield table, await rows(f"SELECT {columns} FROM {table} ORDER BY {order}")
+            continue
+        after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+        while page := await rows(query, after, EXPORT_PAGE):
+            yield table, page
+            after = page[-1][0]
+
+
+def plan_prune(rows: list, older_than: int,
+               batch: int) -> tuple[list[int], dict[str, int], int | None]:
+    """Which of PRUNE_SCAN's rows (id, tenant, timestamp, is the newest of its name) one
+    prune call deletes: the old ones that are not the newest of their name, up to `batch`,
+    stopping at the first young one (ids follow time). Returns their ids, the largest id
+    deleted per tenant, and the id to continue after, or None when the sweep is done.
+
+    Why a cursor: the kept newest values stay at the log's start; a scan from the start in
+    every call would pass them all again, and with many names hold the writer for long."""
+    doomed: list[int] = []
+    uptos: dict[str, int] = {}
+    cursor = None
+    for event_id, tenant, stamp, is_latest in rows:
+        if stamp >= older_than:
+            return doomed, uptos, None
+        if not is_latest:
+            doomed.append(event_id)
+            uptos[tenant] = event_id
+        cursor = event_id
+        if len(doomed) == batch:
+            return doomed, uptos, cursor
+    return doomed, uptos, cursor if len(rows) == batch * PRUNE_SCAN_BATCHES else None
 
 
 def _start_id_range(conn: sqlite3.Connection) -> int:
@@ -603,3 +783,32 @@ def _column_value(column: str, value: Any) -> Any:
     if column == "revoked":
         return int(value)
     return value
+
+
+# -- choosing the engine --------------------------------------------------------------------
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def shown_db(db: str) -> str:
+    """The database for the log, without a password in a URL."""
+    if not is_postgres_url(db):
+        return db
+    parts = urlsplit(db)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+async def open_store(db: str, on_commit: CommitHook, on_account_change: AccountHook | None = None,
+                     *, max_event_names: int = 0, max_tenant_bytes: int = 0) -> Engine:
+    """SQLite for a path; PostgreSQL for a postgresql:// URL (pgstore is imported only then).
+    The limits are per tenant (0: none; see QuotaExceeded). Raises StoreError when the
+    database cannot be opened or is damaged; it is not changed then."""
+    if not is_postgres_url(db):
+        return await Store.open(db, on_commit)
+    try:
+        from pgstore import PgStore
+    except ImportError:
+        raise SystemExit("--db postgresql://... needs asyncpg: from the checkout, "
+                         "pip install '.[postgres]'") from None
+    return await PgStore.open(db, on_commit, on_account_change)

@@ -17,8 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import is_postgres_url, open_store, shown_db
-from store import Event, StoreError
+from store import Event, StoreError, is_postgres_url, open_store, shown_db
 
 BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default page size)
 
