@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -33,11 +34,10 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -62,7 +62,6 @@ log = logging.getLogger("broker")
 DEFAULT_ADMIN_TOKEN = "letmein"
 MAX_HEADER_BYTES = 16 * 1024
 SYNC_PAGE = 1000  # events read per query when replaying a backlog
-SYNC_BYTES = 1 << 20  # and at most about this many bytes of data
 FANOUT_SLICE = 256  # subscribers written per turn of the loop: 1-2 ms, 6-8 us a write
 JWT_ISSUER = "Broker"
 
@@ -224,11 +223,15 @@ class HTTPError(Exception):
 class Request:
     method: str
     path: str
-    query: dict[str, str]
+    query: list[tuple[str, str]]
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes
     client: str
     conn: Connection
+
+    def args(self, name: str) -> list[str]:
+        """The values of a query parameter, in order."""
+        return [value for key, value in self.query if key == name]
 
 
 @dataclass(slots=True)
@@ -376,6 +379,31 @@ def event_names(patterns: list[str]) -> EventNames:
 
 
 @functools.lru_cache(maxsize=4096)
+def both(a: EventNames | None, b: EventNames | None) -> EventNames | None:
+    """The names that both allow (None allows every name)."""
+    if a is None or b is None:
+        return b if a is None else a
+    patterns = [name for name in a.exact if b(name)] + [name for name in b.exact if a(name)]
+    # A name with both prefixes starts with the longer one.
+    patterns += [max(p, q, key=len) + "*" for p in a.prefixes for q in b.prefixes
+                 if p.startswith(q) or q.startswith(p)]
+    return event_names(patterns)
+
+
+def event_filter(values: list[str]) -> EventNames | None:
+    """The names a stream asks for with `?event=` (exact, or a prefix ending in `*`);
+    None for every name."""
+    if len(values) > 64:
+        raise HTTPError(400, "at most 64 event filters")
+    for value in values:
+        if not 1 <= len(value) <= 256 or CONTROL_CHARS.search(value):
+            raise HTTPError(400, "each event filter must be 1 to 256 characters, without "
+                                 "control characters")
+    names = event_names(values)
+    return None if not values or "" in names.prefixes else names
+
+
+@functools.lru_cache(maxsize=4096)
 def grants(scopes: tuple[str, ...]) -> tuple[EventNames, EventNames]:
     """The names these scopes may get (`NAME:get`) and post (`NAME:post`). Other scopes
     stay on the user and in its JWT, and grant nothing here."""
@@ -388,11 +416,14 @@ def grants(scopes: tuple[str, ...]) -> tuple[EventNames, EventNames]:
 
 
 # ---------------------------------------------------------------------------------------
-# Fan-out: who listens to which tenant. Each committed event is encoded once, and the
-# same bytes go to every subscriber of its tenant with one transport.write each.
-# With --enforce_scopes, a tenant's subscribers are grouped by what they may read: each
-# group gets the frames it may read, with no check per subscriber. Without, a tenant is
-# one group.
+# Delivery: from a commit to the subscribers' sockets.
+#
+# A Stream is one subscriber. The Hub keeps, per tenant, a Tenant: its streams, grouped by
+# the event names they read (Group: everything, or a filter, or scopes with
+# --enforce_scopes), and its state (the newest event of each name and its recent events,
+# as SSE frames) for syncs and short replays. Each committed event is encoded once; a
+# group's streams share one joined bytes object per position, so nothing is checked or
+# encoded per subscriber. The Writer is the hub's one schedule for writing them.
 # ---------------------------------------------------------------------------------------
 
 
@@ -407,6 +438,13 @@ def chunk(payload: bytes) -> bytes:
 
 HEARTBEAT = b":\n\n"
 LAST_CHUNK = b"0\r\n\r\n"
+LINGER = 0.005  # longest wait between two passes of the writer: see Writer._pass_over
+RECENT_LOADED = 100  # a tenant's newest events read when its state is loaded
+RECENT_KEPT = 1000  # events of a tenant's recent past kept at most, and at most RECENT_BYTES
+RECENT_BYTES = 256 * 1024
+STATE_LOAD_TIMEOUT = 10.0
+DRAIN_DEADLINE = 5.0  # a sync or replay piece the client does not take in this time ends it
+END_DEADLINE = 5.0  # a stream broker ends is aborted if its last bytes are not taken by then
 
 
 def retry_frame() -> bytes:
@@ -420,383 +458,354 @@ def retry_frame() -> bytes:
     return b":data:event:id:\nretry:%d\n\n" % random.randint(2000, 6000)
 
 
-class Fanout:
-    """Writes a set of live subscribers their frames, a slice of subscribers at a time.
-
-    Frames go into a log; each member's position is the log index of the first frame it has
-    not been sent. A pass walks the members that are behind, SLICE at a time, and yields to
-    the loop between slices (call_soon), so requests, acks and connects wait at most one
-    slice. A member visited gets everything from its position to the log's end in one write,
-    so frames committed while a pass is under way travel together, and members at the same
-    position share one joined bytes object: one encoding, no per-subscriber work.
-
-    The send system call is the cost (6-8 us a write on loopback), not the bytes, so under
-    load fewer, larger writes are the lever: after a round of passes (every Fanout's pass
-    under way at once: a tenant's permission groups, tenants written at the same time) the
-    writers wait as long as the round took, at most LINGER, before their next passes, so
-    commits gather meanwhile and the loop is free for the publishers' requests at least half
-    the time. An event that finds the writer idle is written at once, inside publish. Nagle
-    (TCP_NODELAY off) was measured too and lost on latency; see bench/README.md, "The
-    fan-out writer".
-    """
-
-    SLICE = FANOUT_SLICE  # writes between two turns of the loop (--fanout_slice)
-    LINGER = 0.005  # longest wait between two passes: at most this added to a latency
-    # The slice is one budget per turn of the loop, shared by every Fanout: a commit that
-    # reaches many permission groups or tenants still holds the loop for one slice at most.
-    budget = 0
-    budget_turn_open = False
-    # A round: from a pass starting while no Fanout had one under way, until none has at the
-    # end of a turn of the loop (_end_round). The next passes wait for the round to end, then
-    # linger as long as it took: a tenant split into permission groups (or many tenants at
-    # once) then batches like one large group, instead of each short pass starting over
-    # sooner and writing fewer frames per write.
-    passes_under_way = 0
-    round_started = 0.0
-    round_done: ClassVar[list[Fanout]] = []
-
-    __slots__ = ("_joined", "base", "frames", "members", "pass_at", "pass_order", "running")
-
-    def __init__(self) -> None:
-        self.members: dict[Connection, int] = {}  # member -> log index of its next frame
-        self.frames: list[bytes] = []  # frames[i] has log index base + i
-        self.base = 0
-        self.pass_order: list[Connection] = []  # this pass: members to visit, in order
-        self.pass_at = 0  # next one of pass_order to visit
-        self.running = False  # a pass is under way or scheduled
-        self._joined: dict[tuple[int, bool], bytes] = {}  # (position, chunked) -> bytes
-
-    def end(self) -> int:
-        return self.base + len(self.frames)
-
-    def add(self, conn: Connection) -> None:
-        """A member that has been sent everything up to now (sync, held events)."""
-        self.members[conn] = self.end()
-
-    def remove(self, conn: Connection) -> None:
-        self.members.pop(conn, None)
-
-    def send(self, frames: bytes) -> None:
-        """Queue whole SSE frames for every member; written at once when no pass runs."""
-        self.frames.append(frames)
-        self._joined.clear()
-        if not self.running:
-            self.running = True
-            self._next_pass()
-
-    def pending(self, conn: Connection) -> bytes:
-        """What `conn` has not been sent yet, framed for it; its position moves to the end."""
-        position = self.members.get(conn)
-        end = self.end()
-        if position is None or position >= end:
-            return b""
-        self.members[conn] = end  # before the write: it may cut the member off (remove)
-        key = (position, conn.chunked)
-        data = self._joined.get(key)
-        if data is None:
-            data = b"".join(self.frames[position - self.base:])
-            data = self._joined[key] = chunk(data) if conn.chunked else data
-        return data
-
-    def _next_pass(self) -> None:
-        """Start a pass over the members behind; drop the frames every member has."""
-        end = self.end()
-        oldest = min(self.members.values(), default=end)
-        del self.frames[:oldest - self.base]
-        self.base = oldest
-        self._joined.clear()
-        self.pass_order = [conn for conn, position in self.members.items() if position < end]
-        self.pass_at = 0
-        if self.pass_order:
-            self._begin_pass()
-            self._slice()
-        else:
-            self.running = False
-
-    @classmethod
-    def _begin_pass(cls) -> None:
-        if cls.passes_under_way == 0 and not cls.round_done:
-            # Not loop.time(): uvloop caches it per turn of the loop.
-            cls.round_started = time.monotonic()
-        cls.passes_under_way += 1
-
-    def _end_pass(self) -> None:
-        Fanout.passes_under_way -= 1
-        Fanout.round_done.append(self)
-        if Fanout.passes_under_way == 0:
-            asyncio.get_running_loop().call_soon(Fanout._end_round)
-
-    @classmethod
-    def _end_round(cls) -> None:
-        """When no pass is under way at the end of a turn, every Fanout of the round starts
-        its next pass (writing what came meanwhile) once the round's time has passed again,
-        at most LINGER. At the end of the turn, not when the last pass ends: a pass that
-        fits in one slice ends inside the callback that started it, before the tenant's
-        other permission groups have started theirs (bench/README.md has the numbers)."""
-        if cls.passes_under_way == 0 and cls.round_done:
-            done, cls.round_done = cls.round_done, []
-            linger = min(time.monotonic() - cls.round_started, cls.LINGER)
-            asyncio.get_running_loop().call_later(linger, _next_passes, done)
-
-    @classmethod
-    def _writes_allowed(cls, wanted: int) -> int:
-        """Up to `wanted` writes from what is left of this turn's slice."""
-        if not cls.budget_turn_open:
-            cls.budget_turn_open = True
-            cls.budget = cls.SLICE
-            asyncio.get_running_loop().call_soon(cls._close_budget_turn)
-        allowed = min(wanted, cls.budget)
-        cls.budget -= allowed
-        return allowed
-
-    @classmethod
-    def _close_budget_turn(cls) -> None:
-        cls.budget_turn_open = False
-
-    def _slice(self) -> None:
-        stop = self.pass_at + self._writes_allowed(len(self.pass_order) - self.pass_at)
-        for conn in self.pass_order[self.pass_at:stop]:
-            data = self.pending(conn)
-            if data:
-                try:
-                    conn.transport.write(data)
-                except RuntimeError:  # uvloop, on a transport that just closed: let it go
-                    pass
-        self.pass_at = stop
-        loop = asyncio.get_running_loop()
-        if stop < len(self.pass_order):
-            loop.call_soon(self._slice)
-        else:  # the pass is over; what comes meanwhile waits for the next one
-            self._end_pass()
-
-
-def _next_passes(fanouts: list[Fanout]) -> None:
-    for fanout in fanouts:
-        fanout._next_pass()
-
-
-class Tenant:
-    __slots__ = ("fanout", "live", "syncing")
-
-    def __init__(self) -> None:
-        self.fanout = Fanout()
-        self.live = self.fanout.members  # the live subscribers (and their log positions)
-        # Subscribers still being sent their backlog: live events are held for them here.
-        self.syncing: dict[Connection, list[Event]] = {}
-
-    def add_live(self, conn: Connection) -> None:
-        self.fanout.add(conn)
-
-    def remove(self, conn: Connection) -> None:
-        self.syncing.pop(conn, None)
-        self.fanout.remove(conn)
-
-
-# -- what a new subscriber is sent, kept in memory ------------------------------------------
-# Per tenant: the newest event of each name (the sync) and its most recent events (for short
-# replays), already encoded as frames and kept current by every publish, so that a connect
-# reads no SQL. Loaded from the store on a tenant's first connect, once however many
-# subscribers ask at the same moment.
-
-RECENT_LOADED = 100  # a tenant's newest events read when its state is loaded
-RECENT_KEPT = 1000  # events of a tenant's recent past kept at most, and at most RECENT_BYTES
-RECENT_BYTES = 256 * 1024
-STATE_LOAD_TIMEOUT = 10.0
-
-
-def _event_id(item: tuple[int, str, bytes]) -> int:
+def _first(item: tuple) -> Any:
     return item[0]
 
 
-class TenantState:
-    """One tenant's latest values and recent past, as SSE frames. Every event of the tenant
-    with an id above `horizon` is in `recent`; events are applied newest-wins, so applying
-    one twice or out of order changes nothing."""
+class Stream(asyncio.Protocol):
+    """One subscriber: the transport of a `/sse` connection, taken over from its Connection
+    once the response has begun. It only writes; whatever the client sends is ignored."""
 
-    __slots__ = ("_sync", "horizon", "latest", "recent", "recent_bytes", "size", "upto")
+    # No per-instance dict: an idle stream is mostly this object and its transport.
+    __slots__ = ("app", "chunked", "live", "position", "reads", "tenant", "transport",
+                 "unpaused", "username")
+
+    def __init__(self, app: App, transport: asyncio.Transport, chunked: bool, user: User,
+                 reads: EventNames | None) -> None:
+        self.app = app
+        self.transport = transport
+        self.chunked = chunked  # HTTP/1.1 chunks, or a body that ends with the connection
+        self.username = user.username
+        self.tenant = user.tenant_name
+        self.reads = reads  # the event names it receives (its group); None: every name
+        # Mutable: the log index (in its group) of the first frame it has not been sent;
+        # while it syncs, where it joined (its group keeps the frames from there).
+        self.position = 0
+        self.live = False  # synced: the writer sends it its group's frames from `position`
+        self.unpaused: asyncio.Future[None] | None = None  # set while a sync waits to drain
+        retry = retry_frame()
+        self.write(app.stream_heads[chunked] + (chunk(retry) if chunked else retry))
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():  # uvloop raises on a write to a closed transport
+            self.transport.write(data)
+
+    async def send(self, frames: list[bytes]) -> None:
+        """Write whole frames (a sync, a replay) in pieces: each once the client has taken
+        most of what came before, so a big sync holds at most about --max_buffer unsent
+        bytes here. A client that takes nothing for DRAIN_DEADLINE ends it (TimeoutError)."""
+        piece: list[bytes] = []
+        size = 0
+        for frame in frames:
+            piece.append(frame)
+            size += len(frame)
+            if size >= self.app.config.max_buffer // 2:
+                await self.send_piece(piece)
+                piece, size = [], 0
+        if piece:
+            await self.send_piece(piece)
+
+    async def send_piece(self, frames: list[bytes]) -> None:
+        data = b"".join(frames)
+        self.write(chunk(data) if self.chunked else data)
+        if self.transport.is_closing():
+            raise ConnectionError("connection closed")
+        if self.unpaused is not None:
+            await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
+            if self.transport.is_closing():
+                raise ConnectionError("connection closed")
+
+    def close(self, abort: bool = False) -> None:
+        """End the stream: the terminating chunk and a close, and an abort after
+        END_DEADLINE if the client has not taken them; at once when `abort`."""
+        if abort:
+            self.transport.abort()
+        elif not self.transport.is_closing():
+            if self.chunked:
+                self.write(LAST_CHUNK)
+            self.transport.close()
+            asyncio.get_running_loop().call_later(END_DEADLINE, self.transport.abort)
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+    def eof_received(self) -> bool:
+        self.app.hub.leave(self)  # the subscriber hung up: write nothing more, and close
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.app.connections.discard(self)
+        self.app.hub.leave(self)
+        self.resume_writing()  # a sync waiting to drain sees the connection closed
+
+    def pause_writing(self) -> None:
+        # The kernel is not taking our bytes and the buffer passed --max_buffer.
+        if self.live:
+            self.app.hub.cut(self)  # a slow consumer
+        elif self.unpaused is None:
+            self.unpaused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.unpaused is not None and not self.unpaused.done():
+            self.unpaused.set_result(None)
+        self.unpaused = None
+
+
+class Group:
+    """The streams of one tenant that read the same event names, and the frames of the
+    events they read that not all of them have been sent, as (id, frame), in id order.
+    A heartbeat is a frame too, with the id of the newest event published before it."""
+
+    __slots__ = ("base", "log", "streams")
 
     def __init__(self) -> None:
-        self.latest: dict[str, tuple[int, bytes]] = {}  # event name -> (id, frame)
-        self.recent: list[tuple[int, str, bytes]] = []  # (id, name, frame), in id order
+        self.streams: dict[Stream, None] = {}  # live and syncing, in the order they joined
+        self.log: list[tuple[int, bytes]] = []  # log[i] has the log index base + i
+        self.base = 0
+
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+    def trim(self) -> None:
+        """Forget the frames every stream has been sent (or, syncing, does not want)."""
+        oldest = min((stream.position for stream in self.streams), default=self.end())
+        del self.log[:oldest - self.base]
+        self.base = oldest
+
+    def unsent(self, stream: Stream) -> int:
+        return sum(len(frame) for _, frame in self.log[stream.position - self.base:])
+
+
+class Writer:
+    """The hub's one schedule for writing the groups' frames to their live streams.
+
+    A pass visits the streams that lack frames, `fanout_slice` of them per turn of the loop
+    (call_soon), so requests, acks and connects wait at most one slice. A stream visited gets
+    everything from its position to its group's end in one write: frames published while a
+    pass is under way travel together, and streams at the same position share one joined
+    bytes object. A publish that finds the writer idle starts a pass at once.
+
+    The send system call is the cost (a few us a write), not the bytes, so under load fewer,
+    larger writes are the lever: when an insert arrived while a pass was going out, its
+    commit is near, and the writer lingers (as long as the pass took, at most LINGER) so that
+    the commits of a flood gather into the next pass and the loop is free for the
+    publishers at least half the time. At an everyday rate no insert is on its way when a
+    pass ends, and the next event is written the moment it is published. bench/README.md,
+    "The fan-out writer", has the measurements.
+    """
+
+    __slots__ = ("busy", "due", "insert_seen", "joined", "pass_started", "slice", "visits")
+
+    def __init__(self, fanout_slice: int) -> None:
+        self.slice = fanout_slice
+        # Mutable, each needed: the groups with frames a live stream lacks (the next pass);
+        self.due: dict[Group, None] = {}
+        self.visits: Iterator[tuple[Group, Stream]] = iter(())  # the pass under way
+        # its joined frames: (group, position, end, chunked) -> bytes, shared by the streams
+        # at that position;
+        self.joined: dict[tuple[Group, int, int, bool], bytes] = {}
+        self.busy = False  # a pass or a linger is under way: publish() only queues
+        self.pass_started = 0.0  # when, for the linger (monotonic: uvloop caches loop.time)
+        self.insert_seen = 0.0  # when the newest insert request arrived (App.insert)
+
+    def queue(self, group: Group, frames: list[tuple[int, bytes]]) -> None:
+        group.log += frames
+        self.due[group] = None
+
+    def kick(self) -> None:
+        """Start a pass now, unless one is under way or the writer lingers."""
+        if not self.busy and self.due:
+            self.busy = True
+            self._start_pass()
+
+    def _start_pass(self) -> None:
+        groups, self.due = self.due, {}
+        self.joined.clear()
+        visits = []
+        for group in groups:
+            group.trim()
+            end = group.end()
+            visits += [(group, stream) for stream in group.streams
+                       if stream.live and stream.position < end]
+        self.visits = iter(visits)
+        self.pass_started = time.monotonic()
+        self._slice()
+
+    def _slice(self) -> None:
+        visited = 0
+        for group, stream in itertools.islice(self.visits, self.slice):
+            data = self.unsent_data(group, stream)
+            if data:
+                stream.write(data)  # may cut it (Stream.pause_writing): the pass goes on
+            visited += 1
+        if visited == self.slice:
+            asyncio.get_running_loop().call_soon(self._slice)
+        else:
+            self._pass_over()
+
+    def _pass_over(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.insert_seen > self.pass_started:
+            took = time.monotonic() - self.pass_started
+            loop.call_later(min(took, LINGER), self._linger_over)
+        elif self.due:
+            loop.call_soon(self._start_pass)
+        else:
+            self.busy = False
+
+    def _linger_over(self) -> None:
+        if self.due:
+            self._start_pass()
+        else:
+            self.busy = False
+
+    def unsent_data(self, group: Group, stream: Stream) -> bytes:
+        """What `stream` has not been sent yet, framed for it; its position moves to the
+        end (before the write, which may cut it)."""
+        position, end = stream.position, group.end()
+        if position >= end:
+            return b""
+        stream.position = end
+        key = (group, position, end, stream.chunked)
+        data = self.joined.get(key)
+        if data is None:
+            data = b"".join(frame for _, frame in group.log[position - group.base:])
+            data = self.joined[key] = chunk(data) if stream.chunked else data
+        return data
+
+
+class Tenant:
+    """One tenant, as the hub holds it: its streams by group, and its state.
+
+    The state is the newest event of each name and the tenant's recent events, as frames,
+    kept current by every publish, so that a sync, and a replay from one of the recent
+    events, read no SQL. It is loaded from the store at the first connect that needs it
+    (Hub.hold) and may be dropped again to stay within --cache_bytes (Hub.evict)."""
+
+    __slots__ = ("groups", "horizon", "latest", "loading", "recent", "recent_bytes", "syncs")
+
+    def __init__(self) -> None:
+        # Mutable, each needed: its streams by what they read (a group each);
+        self.groups: dict[EventNames | None, Group] = {}
+        # the newest event of each name: name -> (id, frame), in id order; None: not held;
+        self.latest: dict[str, tuple[int, bytes]] | None = None
+        # its recent events, (id, name, frame) in id order: every one with an id above
+        # `horizon` (the newest dropped, or the pruned horizon, whichever is larger);
+        self.recent: list[tuple[int, str, bytes]] = []
         self.recent_bytes = 0
         self.horizon = 0
-        self.size = 0  # bytes of frames held, counted against --cache_bytes
-        self._sync: bytes | None = None  # the latest values joined, built on demand
-        # None while the cache keeps this state current; else the newest published id it
-        # reflects (it was evicted, or never cached).
-        self.upto: int | None = None
+        # the sync of each group, built at its first connect after a change;
+        self.syncs: dict[EventNames | None, list[bytes]] = {}
+        self.loading: asyncio.Future[None] | None = None  # a read from the store under way
 
-    def apply(self, event: Event, frame: bytes) -> None:
-        """Take in one event and its frame (encoded once, by publish())."""
-        current = self.latest.get(event.event)
-        if current is None or current[0] < event.id:
+    def held(self) -> bool:
+        return self.latest is not None and self.loading is None
+
+    def size(self) -> int:
+        return self.recent_bytes + sum(len(frame) for _, frame in (self.latest or {}).values())
+
+    def apply(self, events: list[Event], frames: list[bytes]) -> int:
+        """Take in newly published events (each newer than anything held) and their frames;
+        returns the change in bytes held."""
+        if self.latest is None:
+            return 0
+        grown = 0
+        for event, frame in zip(events, frames):
+            old = self.latest.pop(event.event, None)  # put back at the end: id order
             self.latest[event.event] = (event.id, frame)
-            self.size += len(frame) - (len(current[1]) if current else 0)
-            self._forget_sync()
-        if event.id > self.horizon:
-            self._add_recent((event.id, event.event, frame))
+            self.recent.append((event.id, event.event, frame))
+            self.recent_bytes += len(frame)
+            grown += len(frame) - (len(old[1]) if old else 0)  # the newest of its name
+            grown += len(frame)  # and one of the recent events
+        self.syncs.clear()
+        return grown - self.trim_recent(self.horizon)
 
-    def _add_recent(self, item: tuple[int, str, bytes]) -> None:
-        recent = self.recent
-        if recent and recent[-1][0] >= item[0]:  # not the newest: a late or repeated event
-            at = bisect.bisect_left(recent, item[0], key=_event_id)
-            if at < len(recent) and recent[at][0] == item[0]:
-                return
-            recent.insert(at, item)
-        else:
-            recent.append(item)
-        self._resize_recent(len(item[2]))
-        while len(recent) > RECENT_KEPT or self.recent_bytes > RECENT_BYTES:
-            dropped = recent.pop(0)
-            self.horizon = dropped[0]
-            self._resize_recent(-len(dropped[2]))
+    def trim_recent(self, horizon: int) -> int:
+        """Drop the recent events up to `horizon`, then the oldest while more than
+        RECENT_KEPT or RECENT_BYTES are left; returns the bytes freed."""
+        cut = bisect.bisect_right(self.recent, horizon, key=_first)
+        freed = sum(len(item[2]) for item in self.recent[:cut])
+        while cut < len(self.recent) and (len(self.recent) - cut > RECENT_KEPT
+                                          or self.recent_bytes - freed > RECENT_BYTES):
+            freed += len(self.recent[cut][2])
+            cut += 1
+        if cut:
+            horizon = max(horizon, self.recent[cut - 1][0])
+            del self.recent[:cut]
+            self.recent_bytes -= freed
+        self.horizon = max(self.horizon, horizon)
+        return freed
 
-    def _resize_recent(self, delta: int) -> None:
-        self.recent_bytes += delta
-        self.size += delta
+    def load(self, latest: list[tuple[Event, bytes]], recent: list[tuple[Event, bytes]],
+             whole_log: bool, pruned: int) -> None:
+        """Merge what the store read (oldest first) into what publish() applied meanwhile.
+        Every event of the tenant after `pruned` (the horizon retention left) was read, if
+        `whole_log`; else every one from the oldest of `recent`."""
+        assert self.latest is not None
+        merged = sorted({(event.id, event.event, frame) for event, frame in recent}
+                        | set(self.recent))
+        self.recent = merged
+        self.recent_bytes = sum(len(item[2]) for item in merged)
+        horizon = pruned if whole_log or not recent else max(pruned, recent[0][0].id - 1)
+        self.trim_recent(max(self.horizon, horizon))
+        by_id = sorted([*((event.id, event.event, frame) for event, frame in latest),
+                        *((i, name, frame) for name, (i, frame) in self.latest.items())])
+        self.latest = {}
+        for event_id, name, frame in by_id:  # oldest first: the newest of a name wins
+            self.latest.pop(name, None)
+            self.latest[name] = (event_id, frame)
+        self.syncs.clear()
 
-    def _forget_sync(self) -> None:
-        if self._sync is not None:
-            self.size -= len(self._sync)
-            self._sync = None
+    def forget(self) -> int:
+        """Drop the state (not the streams); returns the bytes freed."""
+        freed = self.size()
+        self.latest, self.recent, self.recent_bytes = None, [], 0
+        self.syncs.clear()
+        return freed
 
-    def load(self, latest: list[Event], recent: list[Event], whole_log: bool) -> None:
-        """Merge what the store returned into what publish() applied meanwhile."""
-        if not whole_log and recent:
-            # max: publish() may have trimmed what it applied meanwhile past that point.
-            self.horizon = max(self.horizon, recent[0].id - 1)
-            self.recent = [item for item in self.recent if item[0] > self.horizon]
-            self.recent_bytes = sum(len(item[2]) for item in self.recent)
-        for event in (*latest, *recent):
-            self.apply(event, sse_frame(event))
-        self.size = self.recent_bytes + sum(len(frame) for _, frame in self.latest.values())
+    def sync(self, reads: EventNames | None) -> list[bytes]:
+        """The newest event of each name that `reads` allows, oldest first."""
+        assert self.latest is not None
+        frames = self.syncs.get(reads)
+        if frames is None:
+            if len(self.syncs) >= 16:  # many filters: keep the memory bounded
+                self.syncs.clear()
+            frames = self.syncs[reads] = [frame for name, (_, frame) in self.latest.items()
+                                          if reads is None or reads(name)]
+        return frames
 
-    def sync(self, reads: EventNames | None = None) -> bytes:
-        """The newest event of each name (that `reads` allows), oldest first."""
-        if reads is not None:  # a permission group (--enforce_scopes): not kept
-            return b"".join(frame for _, frame in sorted(
-                entry for name, entry in self.latest.items() if reads(name)))
-        if self._sync is None:
-            self._sync = b"".join(frame for _, frame in sorted(self.latest.values()))
-            self.size += len(self._sync)
-        return self._sync
-
-    def after(self, last_id: int, reads: EventNames | None = None) -> bytes | None:
-        """The frames of every event after `last_id` (that `reads` allows), when `last_id`
-        is the id of one of the recent events; else None."""
-        at = bisect.bisect_left(self.recent, last_id, key=_event_id)
+    def after(self, last_id: int, reads: EventNames | None) -> list[bytes] | None:
+        """The frames of every event after `last_id` that `reads` allows, when `last_id` is
+        one of the recent events (so every later event is here); else None."""
+        at = bisect.bisect_left(self.recent, last_id, key=_first)
         if at == len(self.recent) or self.recent[at][0] != last_id:
             return None
-        return b"".join(frame for _, name, frame in self.recent[at + 1:]
-                        if reads is None or reads(name))
+        return [frame for _, name, frame in self.recent[at + 1:] if reads is None or reads(name)]
 
 
-class StateCache:
-    """The TenantStates of recently used tenants, within `max_bytes` of frames in all.
-
-    Tenants with subscribers keep theirs; over the budget, the least recently used tenant
-    without subscribers goes first, and only then one with subscribers (whose next connect
-    loads it again). A state bigger than the whole budget is used once and not kept."""
-
-    def __init__(self, hub: Hub, max_bytes: int) -> None:
-        self.hub = hub
-        self.max_bytes = max_bytes
-        self.active: OrderedDict[str, TenantState] = OrderedDict()  # least recently used first
-        self.idle: OrderedDict[str, TenantState] = OrderedDict()
-        self.loading: dict[str, TenantState] = {}
-        self.loads: dict[str, asyncio.Future[TenantState]] = {}
-        self.size = 0
-        self.evictions = 0
-
-    def cached(self, tenant: str) -> TenantState | None:
-        for pool in (self.active, self.idle):
-            state = pool.get(tenant)
-            if state is not None:
-                pool.move_to_end(tenant)
-                return state
-        return None
-
-    def set_active(self, tenant: str, active: bool) -> None:
-        """The tenant got its first subscriber (active) or lost its last one."""
-        source, target = (self.idle, self.active) if active else (self.active, self.idle)
-        state = source.pop(tenant, None)
-        if state is not None:
-            target[tenant] = state
-
-    def held(self, tenant: str) -> TenantState | None:
-        """The tenant's state, kept or being loaded, without touching its LRU place."""
-        return self.active.get(tenant) or self.idle.get(tenant) or self.loading.get(tenant)
-
-    def remember(self, state: TenantState, batch: list[Event], frames: list[bytes]) -> None:
-        """Apply one tenant's newly published events (and their frames) to its state."""
-        before = state.size
-        for event, frame in zip(batch, frames):
-            state.apply(event, frame)
-        if self.loading.get(batch[0].tenant_name) is not state:  # else counted once loaded
-            self.size += state.size - before
-            if self.size > self.max_bytes:
-                self.evict()
-
-    def evict(self, keep: TenantState | None = None) -> None:
-        for pool in (self.idle, self.active):
-            while self.size > self.max_bytes and pool:
-                tenant, state = next(iter(pool.items()))
-                if state is keep:  # the newest, so the last one left in its pool
-                    break
-                del pool[tenant]
-                self.drop(state)
-
-    def drop(self, state: TenantState) -> None:
-        self.size -= state.size
-        self.evictions += 1
-        state.upto = self.hub.published_upto  # no longer kept current
-
-    async def load(self, tenant: str, store: Engine) -> TenantState:
-        """Read a tenant's state from the store; concurrent callers share one read."""
-        future = self.loads.get(tenant)
-        if future is None:
-            future = self.loads[tenant] = asyncio.ensure_future(self._load(tenant, store))
-            future.add_done_callback(lambda _: self.loads.pop(tenant, None))
-        return await asyncio.shield(future)
-
-    async def _load(self, tenant: str, store: Engine) -> TenantState:
-        state = self.loading[tenant] = TenantState()  # publish() applies to it meanwhile
-        try:
-            latest, recent, covered, _ = await store.tenant_state(tenant, RECENT_LOADED)
-            # Events up to `covered` are in what was read; wait until publish() has seen
-            # them too, or they would be applied again later and sent twice.
-            await asyncio.wait_for(self.hub.published(covered), STATE_LOAD_TIMEOUT)
-        finally:
-            del self.loading[tenant]
-        state.load(latest, recent, whole_log=len(recent) < RECENT_LOADED)
-        if state.size > self.max_bytes:
-            state.upto = self.hub.published_upto
-            return state
-        pool = self.active if tenant in self.hub.tenants else self.idle
-        pool[tenant] = state
-        self.size += state.size
-        self.evict(keep=state)
-        return state
+async def frames_in_steps(events: list[Event]) -> list[bytes]:
+    """Encode many events (a tenant's state) without holding the loop for long."""
+    frames: list[bytes] = []
+    for start in range(0, len(events), 1000):
+        if start:
+            await asyncio.sleep(0)
+        frames += [sse_frame(event) for event in events[start:start + 1000]]
+    return frames
 
 
 class Hub:
-    def __init__(self, published_upto: int = 0, cache_bytes: int = 64 << 20,
-                 max_streams_per_user: int = 100) -> None:
-        # Tenant name -> what its subscribers may read (Connection.reads) -> their group.
-        self.tenants: dict[str, dict[EventNames | None, Tenant]] = {}
-        # A user's streams, oldest first (a dict keeps insertion order).
-        self.by_user: dict[str, dict[Connection, None]] = {}
-        self.max_streams_per_user = max_streams_per_user
-        self.user_streams_closed = 0
-        self.states = StateCache(self, cache_bytes)
-        self.catching_up: list[tuple[int, asyncio.Future[None]]] = []
-        # The newest event id handed to publish(). A backlog read can see a commit a moment
-        # before it is published; such a subscriber waits here (id it has been sent up to)
-        # until publish() catches up, or it would receive those events twice.
-        self.published_upto = published_upto
-        self.waiting: dict[Connection, int] = {}
-        self.slow_consumers_cut = 0
-        self.frames_delivered = 0
+    """Who listens to which tenant, what each tenant's state is, and the writer."""
+
+    def __init__(self, store: Engine, metrics: Metrics, config: argparse.Namespace) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.config = config
+        self.writer = Writer(config.fanout_slice)
+        # Mutable, each needed: every tenant with streams or a held state;
+        self.tenants: dict[str, Tenant] = {}
+        # the tenants without streams, least recently used first (evicted first);
+        self.idle: dict[str, None] = {}
+        self.cached = 0  # bytes of the tenants' states, bounded by --cache_bytes
+        # each user's streams, oldest first (--max_streams_per_user).
+        self.by_user: dict[str, dict[Stream, None]] = {}
 
     def publish(self, events: list[Event]) -> None:
         """Called by the store after each commit, with its events in id order."""
@@ -804,156 +813,193 @@ class Hub:
         for event in events:
             by_tenant.setdefault(event.tenant_name, []).append(event)
         for name, batch in by_tenant.items():
-            groups = self.tenants.get(name)
-            state = self.states.held(name)
-            if groups is None and state is None:
+            tenant = self.tenants.get(name)
+            if tenant is None:
                 continue
             frames = [sse_frame(event) for event in batch]  # each event encoded once
-            if state is not None:
-                self.states.remember(state, batch, frames)
-            if groups is not None:
-                self.fan_out(groups, batch, frames)
-        self.published_upto = events[-1].id
-        for conn, sent_upto in list(self.waiting.items()):
-            if sent_upto <= self.published_upto:
-                self.go_live(conn, sent_upto)
-        self.release_caught_up()
+            self.cached += tenant.apply(batch, frames)
+            for reads, group in tenant.groups.items():
+                chosen = [(event.id, frame) for event, frame in zip(batch, frames)
+                          if reads is None or reads(event.event)]
+                if chosen:
+                    self.metrics.frames_delivered += len(chosen) * len(group.streams)
+                    self.writer.queue(group, chosen)
+        self.evict()
+        self.writer.kick()
 
-    def fan_out(self, groups: dict[EventNames | None, Tenant], batch: list[Event],
-                frames: list[bytes]) -> None:
-        """Hand one tenant's new frames to each permission group, as it may read them."""
-        everything = b"".join(frames)
-        # A copy: a write can cut a slow subscriber and so remove its group.
-        for reads, group in tuple(groups.items()):
-            for held in group.syncing.values():
-                held.extend(batch)  # Connection.send_events filters them
-            if not group.live:
-                continue
-            payload, count = (everything, len(batch)) if reads is None else \
-                readable_frames(reads, batch, frames, everything)
-            if count:
-                self.frames_delivered += len(group.live) * count
-                group.fanout.send(payload)
-
-    async def published(self, upto: int) -> None:
-        """Return once publish() has been handed every event up to `upto`."""
-        if upto > self.published_upto:
-            future = asyncio.get_running_loop().create_future()
-            self.catching_up.append((upto, future))
-            await future
-
-    def release_caught_up(self) -> None:
-        if self.catching_up:
-            waiting, self.catching_up = self.catching_up, []
-            for upto, future in waiting:
-                if upto > self.published_upto:
-                    self.catching_up.append((upto, future))
-                elif not future.done():
-                    future.set_result(None)
-
-    async def state_of(self, tenant: str, store: Engine) -> tuple[TenantState, int]:
-        """The tenant's state, and the newest published id it reflects. No SQL, and no
-        wait, when the state is cached; use it before awaiting anything else."""
-        state = self.states.cached(tenant) or await self.states.load(tenant, store)
-        return state, self.published_upto if state.upto is None else state.upto
-
-    def group_of(self, conn: Connection) -> Tenant | None:
-        return self.tenants.get(conn.tenant, {}).get(conn.reads)
-
-    def join(self, conn: Connection) -> None:
-        """Start holding live events for a new subscriber while it syncs."""
-        groups = self.tenants.get(conn.tenant)
-        if groups is None:
-            groups = self.tenants[conn.tenant] = {}
-            self.states.set_active(conn.tenant, True)
-        groups.setdefault(conn.reads, Tenant()).syncing[conn] = []
-        streams = self.by_user.setdefault(conn.username, {})
-        streams[conn] = None
-        if len(streams) > self.max_streams_per_user:
-            self.close_oldest_stream(list(streams)[:-1])
-
-    def close_oldest_stream(self, streams: list[Connection]) -> None:
-        """A user is over --max_streams_per_user (a front end that opens a stream on every
-        render, say): close the stream with the most unsent bytes, a zombie behind a dead
-        NAT, or else the oldest. A live tab simply reconnects."""
-        victim = max(streams, key=lambda conn: conn.transport.get_write_buffer_size())
-        self.user_streams_closed += 1
-        log.info("closing the oldest stream of %s: over --max_streams_per_user", victim.username)
-        victim.end_stream()
-
-    def go_live(self, conn: Connection, sent_upto: int) -> None:
-        """Everything up to `sent_upto` is dealt with: send what was held, then go live."""
-        tenant = self.group_of(conn)
-        if tenant is None or conn not in tenant.syncing:
-            return  # it went away meanwhile
-        if sent_upto > self.published_upto:
-            self.waiting[conn] = sent_upto
-            return
-        self.waiting.pop(conn, None)
-        held = [event for event in tenant.syncing.pop(conn) if event.id > sent_upto]
-        tenant.add_live(conn)
-        if held:
-            conn.send_events(held)
-
-    def leave(self, conn: Connection) -> None:
-        self.waiting.pop(conn, None)
-        tenant = self.group_of(conn)
-        if tenant is not None:
-            tenant.remove(conn)
-            if not tenant.live and not tenant.syncing:
-                groups = self.tenants[conn.tenant]
-                del groups[conn.reads]
-                if not groups:
-                    del self.tenants[conn.tenant]
-                    self.states.set_active(conn.tenant, False)
-        users = self.by_user.get(conn.username)
-        if users is not None:
-            users.pop(conn, None)
-            if not users:
-                del self.by_user[conn.username]
-
-    def mute_user(self, username: str) -> None:
-        """Stop sending to the user's streams, but leave them open until close_user."""
-        for conn in self.by_user.get(username, ()):
-            group = self.group_of(conn)
-            if group is not None:
-                group.remove(conn)
-
-    def close_user(self, username: str) -> None:
-        for conn in list(self.by_user.get(username, ())):
-            conn.end_stream()
-
-    def close_all(self) -> None:
-        # What a pass has not reached yet goes first.
-        for group in [g for groups in self.tenants.values() for g in groups.values()]:
-            for conn in list(group.live):
-                data = group.fanout.pending(conn)
-                if data and not conn.transport.is_closing():
-                    conn.transport.write(data)
-        for users in list(self.by_user.values()):
-            for conn in list(users):
-                conn.end_stream()
+    def pruned(self, horizons: dict[str, int]) -> None:
+        """Retention deleted events up to these ids: the memory's replays obey it too."""
+        for name, upto in horizons.items():
+            tenant = self.tenants.get(name)
+            if tenant is not None and tenant.held():
+                self.cached -= tenant.trim_recent(upto)
 
     def heartbeat(self) -> None:
-        # Through the sliced writer, like events: a comment frame, delivered once per member.
-        # A copy: a write can cut a slow subscriber and so remove its group.
-        for group in [g for groups in self.tenants.values() for g in groups.values()]:
-            if group.live and not group.fanout.running:
-                group.fanout.send(HEARTBEAT)
+        """A comment frame for every live stream, through the writer like events."""
+        beat = [(self.store.published.upto, HEARTBEAT)]
+        for tenant in self.tenants.values():
+            for group in tenant.groups.values():
+                if group.streams:
+                    self.writer.queue(group, beat)
+        self.writer.kick()
+
+    # -- a tenant's state ---------------------------------------------------------------
+    async def hold(self, name: str) -> tuple[Tenant, int]:
+        """The tenant of a joined stream with its state held, and the newest published id
+        that state reflects. No SQL, and no wait, when it is held already."""
+        while (tenant := self.tenants.get(name)) is not None:
+            if tenant.held():
+                return tenant, self.store.published.upto
+            if tenant.loading is None:
+                tenant.loading = asyncio.ensure_future(self._load(tenant, name))
+            await asyncio.shield(tenant.loading)
+        raise ConnectionError("the stream went away")  # and with it the tenant's last
+
+    async def _load(self, tenant: Tenant, name: str) -> None:
+        tenant.latest = {}  # publish() applies to it meanwhile
+        try:
+            latest, recent, newest, pruned = await self.store.tenant_state(name, RECENT_LOADED)
+            # Events up to `newest` are in what was read; wait until publish() has applied
+            # them too, or a later one would be applied before them.
+            await asyncio.wait_for(self.store.published.reached(newest), STATE_LOAD_TIMEOUT)
+            frames = await frames_in_steps([*latest, *recent])
+            before = tenant.size()
+            tenant.load(list(zip(latest, frames)), list(zip(recent, frames[len(latest):])),
+                        len(recent) < RECENT_LOADED, pruned)
+            self.cached += tenant.size() - before
+        except BaseException:
+            self.cached -= tenant.forget()
+            raise
+        finally:
+            tenant.loading = None
+        self.evict(keep=tenant)
+
+    def evict(self, keep: Tenant | None = None) -> None:
+        """Over --cache_bytes: drop the states of the least recently used tenants without
+        streams, then of tenants with streams (their next connect reads it again)."""
+        for name in list(self.idle):
+            if self.cached <= self.config.cache_bytes:
+                return
+            tenant = self.tenants[name]
+            if tenant.loading is None:
+                del self.idle[name], self.tenants[name]
+                self.cached -= tenant.forget()
+                self.metrics.state_evictions += 1
+        for tenant in self.tenants.values():
+            if self.cached <= self.config.cache_bytes:
+                return
+            if tenant is not keep and tenant.held():
+                self.cached -= tenant.forget()
+                self.metrics.state_evictions += 1
+
+    # -- streams ------------------------------------------------------------------------
+    def join(self, stream: Stream) -> None:
+        """Add a new stream to its group; it is sent what it syncs, then goes live."""
+        tenant = self.tenants.get(stream.tenant)
+        if tenant is None:
+            tenant = self.tenants[stream.tenant] = Tenant()
+        self.idle.pop(stream.tenant, None)
+        group = tenant.groups.get(stream.reads)
+        if group is None:
+            group = tenant.groups[stream.reads] = Group()
+        stream.position = group.end()  # the group keeps every frame from here
+        group.streams[stream] = None
+        streams = self.by_user.setdefault(stream.username, {})
+        streams[stream] = None
+        if len(streams) > self.config.max_streams_per_user:
+            self.end_worst_stream(list(streams)[:-1])
+
+    def group_of(self, stream: Stream) -> Group | None:
+        tenant = self.tenants.get(stream.tenant)
+        group = tenant.groups.get(stream.reads) if tenant else None
+        return group if group is not None and stream in group.streams else None
+
+    async def go_live(self, stream: Stream, covered: int) -> None:
+        """The stream has been sent everything up to `covered` (sync or replay): from its
+        group's frames, it is sent what came after, then everything as it comes."""
+        await asyncio.wait_for(self.store.published.reached(covered), STATE_LOAD_TIMEOUT)
+        group = self.group_of(stream)
+        if group is None:
+            return  # it went away meanwhile
+        stream.position = group.base + bisect.bisect_right(
+            group.log, covered, lo=stream.position - group.base, key=_first)
+        if group.unsent(stream) > self.config.max_buffer:
+            self.cut(stream)  # its sync took so long that it is that far behind
+            return
+        stream.live = True
+        if stream.position < group.end():
+            self.writer.due[group] = None
+            self.writer.kick()
+
+    def leave(self, stream: Stream) -> None:
+        self.leave_group(stream)
+        streams = self.by_user.get(stream.username, {})
+        if stream in streams:
+            del streams[stream]
+            if not streams:
+                del self.by_user[stream.username]
+
+    def leave_group(self, stream: Stream) -> None:
+        group = self.group_of(stream)
+        if group is None:
+            return
+        del group.streams[stream]
+        tenant = self.tenants[stream.tenant]
+        if not group.streams:
+            del tenant.groups[stream.reads]
+            self.writer.due.pop(group, None)
+        if not tenant.groups:  # its state, if held, is kept while the cache has room
+            if tenant.latest is None:
+                del self.tenants[stream.tenant]
+            else:
+                self.idle[stream.tenant] = None
+
+    def end(self, stream: Stream, abort: bool = False) -> None:
+        self.leave(stream)
+        stream.close(abort)
+
+    def cut(self, stream: Stream) -> None:
+        self.metrics.slow_consumers_cut += 1
+        log.warning("cut off slow subscriber %s: over %d unsent bytes", stream.username,
+                    self.config.max_buffer)
+        self.end(stream, abort=True)
+
+    def end_worst_stream(self, streams: list[Stream]) -> None:
+        """A user is over --max_streams_per_user (a front end that opens a stream on every
+        render, say): end the stream with the most unsent bytes, a zombie behind a dead
+        NAT, or else the oldest. A live tab simply reconnects."""
+        victim = max(streams, key=lambda stream: stream.transport.get_write_buffer_size())
+        self.metrics.user_streams_closed += 1
+        log.info("closing the oldest stream of %s: over --max_streams_per_user", victim.username)
+        self.end(victim)
+
+    def mute_user(self, username: str) -> None:
+        """Stop sending to the user's streams, but leave them open until end_user."""
+        for stream in self.by_user.get(username, ()):
+            self.leave_group(stream)
+
+    def end_user(self, username: str) -> None:
+        for stream in list(self.by_user.get(username, ())):
+            self.end(stream)
+
+    def end_all(self) -> None:
+        """At shutdown: what the writer has not written yet first, then the end of each."""
+        for tenant in self.tenants.values():
+            for group in tenant.groups.values():
+                for stream in group.streams:
+                    if stream.live:
+                        stream.write(self.writer.unsent_data(group, stream))
+        for streams in list(self.by_user.values()):
+            for stream in list(streams):
+                self.end(stream)
 
     def count(self, tenant: str | None = None) -> int:
-        """Subscribers of one tenant, or of all."""
-        chosen = [self.tenants.get(tenant, {})] if tenant else self.tenants.values()
-        return sum(len(g.live) + len(g.syncing) for groups in chosen for g in groups.values())
-
-
-def readable_frames(reads: EventNames, batch: list[Event], frames: list[bytes],
-                    everything: bytes) -> tuple[bytes, int]:
-    """The frames of the batch whose events `reads` allows, joined, and how many."""
-    chosen = [frame for event, frame in zip(batch, frames) if reads(event.event)]
-    if len(chosen) == len(frames):
-        return everything, len(frames)
-    return b"".join(chosen), len(chosen)
+        """Streams of one tenant, or of all."""
+        if tenant is None:
+            chosen = list(self.tenants.values())
+        else:
+            chosen = [self.tenants[tenant]] if tenant in self.tenants else []
+        return sum(len(group.streams) for t in chosen for group in t.groups.values())
 
 
 # ---------------------------------------------------------------------------------------
@@ -1131,8 +1177,9 @@ class Auth:
 
     async def authenticate(self, req: Request, token_in_query: bool = False) -> User:
         header = req.headers.get("authorization")
-        if header is None and token_in_query and "access_token" in req.query:
-            header = "Bearer " + req.query["access_token"]
+        tokens = req.args("access_token") if token_in_query else []
+        if header is None and tokens:
+            header = "Bearer " + tokens[-1]
         if not header:
             raise unauthorized("missing Authorization header")
         scheme, _, credentials = header.partition(" ")
@@ -1227,7 +1274,8 @@ def weak_password_checker() -> Callable[[str], str | None]:
     try:
         from zxcvbn import zxcvbn
     except ImportError:
-        raise SystemExit("--password_checker needs zxcvbn: from the checkout, pip install '.[passwords]'")
+        raise SystemExit("--password_checker needs zxcvbn: from the checkout, "
+                         "pip install '.[passwords]'")
 
     def check(password: str) -> str | None:
         result = zxcvbn(password[:256])  # zxcvbn is slow on long input; 256 chars suffice
@@ -1247,11 +1295,17 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
+    """Counters, and the Prometheus text of them and of the server's gauges."""
+
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.events_inserted = 0
         self.insert_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.insert_seconds = 0.0
+        self.frames_delivered = 0
+        self.slow_consumers_cut = 0
+        self.user_streams_closed = 0
+        self.state_evictions = 0
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
@@ -1263,31 +1317,27 @@ class Metrics:
         self.insert_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def render(self, app: App) -> str:
-        tenants = app.hub.tenants
-        lines = [
-            "# TYPE broker_open_connections gauge",
-            f"broker_open_connections {len(app.connections)}",
-            "# TYPE broker_sse_subscribers gauge",
-            f"broker_sse_subscribers {app.hub.count()}",
-            "# TYPE broker_sse_tenants gauge",
-            f"broker_sse_tenants {len(tenants)}",
+        hub = app.hub
+        streaming = sorted(name for name, tenant in hub.tenants.items() if tenant.groups)
+        samples = [
+            ("open_connections", "gauge", len(app.connections)),
+            ("sse_subscribers", "gauge", hub.count()),
+            ("sse_tenants", "gauge", len(streaming)),
+            ("events_inserted_total", "counter", self.events_inserted),
+            ("frames_delivered_total", "counter", self.frames_delivered),
+            ("slow_consumer_disconnects_total", "counter", self.slow_consumers_cut),
+            ("user_stream_limit_closes_total", "counter", self.user_streams_closed),
+            ("state_cache_bytes", "gauge", hub.cached),
+            ("state_cache_tenants", "gauge", sum(t.held() for t in hub.tenants.values())),
+            ("state_cache_evictions_total", "counter", self.state_evictions),
+        ]
+        lines = []
+        for name, kind, value in samples:
+            lines += [f"# TYPE broker_{name} {kind}", f"broker_{name} {value}"]
+        lines += [
             "# TYPE broker_sse_tenant_subscribers gauge",
-            *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} '
-              f"{app.hub.count(name)}" for name in sorted(tenants)),
-            "# TYPE broker_events_inserted_total counter",
-            f"broker_events_inserted_total {self.events_inserted}",
-            "# TYPE broker_frames_delivered_total counter",
-            f"broker_frames_delivered_total {app.hub.frames_delivered}",
-            "# TYPE broker_slow_consumer_disconnects_total counter",
-            f"broker_slow_consumer_disconnects_total {app.hub.slow_consumers_cut}",
-            "# TYPE broker_user_stream_limit_closes_total counter",
-            f"broker_user_stream_limit_closes_total {app.hub.user_streams_closed}",
-            "# TYPE broker_state_cache_bytes gauge",
-            f"broker_state_cache_bytes {app.hub.states.size}",
-            "# TYPE broker_state_cache_tenants gauge",
-            f"broker_state_cache_tenants {len(app.hub.states.active) + len(app.hub.states.idle)}",
-            "# TYPE broker_state_cache_evictions_total counter",
-            f"broker_state_cache_evictions_total {app.hub.states.evictions}",
+            *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} {hub.count(name)}'
+              for name in streaming),
             "# TYPE broker_requests_total counter",
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
@@ -1320,11 +1370,8 @@ def user_object(user: User) -> dict[str, Any]:
 class App:
     def __init__(self, config: argparse.Namespace) -> None:
         self.config = config
-        self.hub = Hub(cache_bytes=config.cache_bytes,
-                       max_streams_per_user=config.max_streams_per_user)
-        Fanout.SLICE = config.fanout_slice  # one server per process
         self.metrics = Metrics()
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection | Stream] = set()
         self.in_flight: set[asyncio.Task] = set()  # handlers running (a reference keeps them)
         self.stopping = False
         self.trusted_proxies = {a.strip() for a in config.trusted_proxies.split(",") if a.strip()}
@@ -1332,6 +1379,7 @@ class App:
         self.stream_heads = {chunked: stream_head(config.origin, chunked)
                              for chunked in (True, False)}
         self.store: Engine
+        self.hub: Hub
         self.auth: Auth
         Handler = Callable[[Request], Awaitable[Response]]
         self.routes: dict[str, dict[str, Handler]] = {
@@ -1350,8 +1398,9 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
-        self.hub.published_upto = self.store.published.upto
+        self.store = await open_store(self.config.db, lambda events: self.hub.publish(events),
+                                      self.account_changed)
+        self.hub = Hub(self.store, self.metrics, self.config)  # before anything is published
         secret = self.config.jwt_secret
         if not secret:
             secret = await self.store.setting_or_default("jwt_secret", secrets.token_hex(32))
@@ -1381,10 +1430,11 @@ class App:
                 self.auth.remember(user)
             rescoped = self.config.enforce_scopes and before is not None and \
                 user is not None and before.scopes != user.scopes
-            for conn in streams:
-                if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
-                        or (before is not None and before.password_hash != user.password_hash):
-                    conn.end_stream()
+            for stream in streams:
+                if user is None or user.revoked or stream.tenant != user.tenant_name \
+                        or rescoped or (before is not None
+                                        and before.password_hash != user.password_hash):
+                    self.hub.end(stream)
 
     async def dispatch(self, req: Request) -> Response:
         methods = self.routes.get(req.path)
@@ -1448,6 +1498,7 @@ class App:
         if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
+        self.hub.writer.insert_seen = time.monotonic()  # its commit is near: Writer._pass_over
         event = await self.store.insert_event(user.tenant_name, name, data)
         self.metrics.observe_insert(time.perf_counter() - started)
         return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
@@ -1455,38 +1506,36 @@ class App:
     async def sse(self, req: Request) -> Response:
         user = await self.auth.authenticate(req, token_in_query=True)
         last_id = last_event_id(req)
-        conn = req.conn
-        if conn.transport.is_closing():
+        wanted = event_filter(req.args("event"))
+        if req.conn.transport.is_closing():
             return STREAMING  # the client left while we checked its credentials
-        conn.start_stream(user, req.client)
-        self.hub.join(conn)
+        granted = grants(tuple(user.scopes))[0] if self.config.enforce_scopes else None
+        stream = req.conn.become_stream(user, both(granted, wanted), req.client)
+        self.hub.join(stream)
         try:
             # `covered`: the newest published id the sync or replay reflects. Every event up
-            # to it was sent or is not wanted (superseded, or the client had it); later ones
-            # were held for this subscriber since join().
+            # to it was sent or is not wanted (superseded, or the client had it); its group
+            # kept the later ones for it since join().
             if last_id is None:
-                covered = await self.send_state(conn, user)
+                covered = await self.send_state(stream)
             else:
-                covered = await self.replay(conn, user, last_id)
-            conn.send_frames(b"")  # the head, when there was nothing to send with it
-            await conn.drained()
+                covered = await self.replay(stream, user, last_id)
+            await self.hub.go_live(stream, covered)
         except (StoreError, ConnectionError, TimeoutError) as exc:
             log.warning("stream for %s ended during sync: %s", user.username, exc)
-            conn.end_stream()
-            return STREAMING
-        self.hub.go_live(conn, covered)
+            self.hub.end(stream, abort=True)
         return STREAMING
 
-    async def send_state(self, conn: Connection, user: User) -> int:
-        """The latest value of each name the stream may read, from memory. Returns the
-        newest published id they reflect."""
-        state, covered = await self.hub.state_of(user.tenant_name, self.store)
-        conn.send_frames(state.sync(conn.reads))
+    async def send_state(self, stream: Stream) -> int:
+        """The latest value of each name the stream reads, from memory. Returns the newest
+        published id they reflect."""
+        tenant, covered = await self.hub.hold(stream.tenant)
+        await stream.send(tenant.sync(stream.reads))
         return covered
 
-    async def replay(self, conn: Connection, user: User, after: int) -> int:
-        """Send every event of the user's tenant after `after`. Returns the newest id the
-        events sent reflect.
+    async def replay(self, stream: Stream, user: User, after: int) -> int:
+        """Send every event of the stream's tenant after `after` that it reads. Returns the
+        newest id the events sent reflect.
 
         The resume rule: replay only what the log can prove the client is missing. When it
         cannot (an id from another history or the future, a change of tenant or scopes at
@@ -1494,26 +1543,25 @@ class App:
         instead, as on a fresh connect: the client is whole again, without any extra frame.
 
         From memory, without SQL, when `after` is one of the tenant's recent events (which
-        proves it is of this tenant and this history, and every later event is in memory)
-        and the user's tenant and scopes did not change at or after it. Else from the
-        store, page by page."""
-        state, covered = await self.hub.state_of(user.tenant_name, self.store)
-        recent = state.after(after, conn.reads)
+        proves it is of this tenant and this history, and every later event is in memory:
+        retention's horizon is below it) and the user's tenant and scopes did not change at
+        or after it. Else from the store, page by page (each bounded in bytes too)."""
+        tenant, covered = await self.hub.hold(stream.tenant)
+        recent = tenant.after(after, stream.reads)
         if recent is not None and (user.access_changed_at or 0) < after:
-            conn.send_frames(recent)
+            await stream.send(recent)
             return covered
         while True:
-            found = await self.store.resume_page(user.username, user.tenant_name, after,
-                                                 SYNC_PAGE, SYNC_BYTES)
+            found = await self.store.resume_page(user.username, stream.tenant, after,
+                                                 SYNC_PAGE, self.config.max_buffer)
             if found is None:
-                return await self.send_state(conn, user)
+                return await self.send_state(stream)
             page, newest = found
-            if page:
-                conn.send_events(page)
-                after = page[-1].id
-            if len(page) < SYNC_PAGE and sum(len(event.data) for event in page) < SYNC_BYTES:
+            if not page:
                 return newest
-            await conn.drained()
+            await stream.send([sse_frame(event) for event in page
+                               if stream.reads is None or stream.reads(event.event)])
+            after = page[-1].id
 
     # -- admin endpoints ----------------------------------------------------------------
     async def metrics_page(self, req: Request) -> Response:
@@ -1542,7 +1590,7 @@ class App:
     async def revoke_user(self, req: Request) -> Response:
         _, username = self._admin_target(req)
         await self._change_user(username, {"revoked": True})
-        self.hub.close_user(username)
+        self.hub.end_user(username)
         return reply({"username": username, "revoked": True})
 
     async def unrevoke_user(self, req: Request) -> Response:
@@ -1591,7 +1639,7 @@ class App:
             user = await self._change_user(username, changes)
         finally:
             if moving or rescoped or password is not None:
-                self.hub.close_user(username)  # they reconnect with the new state
+                self.hub.end_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
 
@@ -1604,7 +1652,7 @@ def stream_head(origin: str, chunked: bool) -> bytes:
 
 
 def last_event_id(req: Request) -> int | None:
-    header, query = req.headers.get("last-event-id"), req.query.get("last_event_id")
+    header, query = req.headers.get("last-event-id"), (req.args("last_event_id") or [""])[-1]
     for raw in (header, query):  # both validated; the header wins when both are given
         # isascii: str.isdigit() is also true for "²", which int() refuses.
         if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
@@ -1620,15 +1668,13 @@ def last_event_id(req: Request) -> int | None:
 
 
 class Connection(asyncio.Protocol):
-    # No per-instance dict: an idle stream is mostly this object and its transport.
-    __slots__ = ("app", "body", "chunked", "client", "drain_waiter", "http", "reading",
-                 "reads", "request", "started", "tenant", "timer", "transport", "unsent",
-                 "username", "write_paused")
+    __slots__ = ("app", "body", "client", "http", "reading", "request", "started", "timer",
+                 "transport", "write_paused")
 
     def __init__(self, app: App) -> None:
         self.app = app
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        # h11's state; None once the connection is an event stream (it is no longer needed).
+        # h11's state; None once the connection is done (an event stream, or rejected).
         self.http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.client = "?"
@@ -1636,13 +1682,7 @@ class Connection(asyncio.Protocol):
         self.reading = False  # a request has begun arriving and is not complete
         self.request: h11.Request | None = None
         self.body = bytearray()
-        self.chunked = True
-        self.username = ""
-        self.tenant = ""
-        self.reads: EventNames | None = None  # what a stream may receive; None: everything
-        self.drain_waiter: asyncio.Future | None = None
         self.write_paused = False
-        self.unsent = b""  # a stream's head, until its first frames go out with it
         self.started = 0.0
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -1660,7 +1700,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.http is None:
-            return  # an event stream: whatever the client sends now is of no interest
+            return  # rejected: whatever the client sends now is of no interest
         if not self.reading:
             self.reading = True
             self.arm_timer(self.app.config.request_timeout)
@@ -1669,7 +1709,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.http is None:
-            self.app.hub.leave(self)  # a subscriber hung up: write nothing more, and close
             return False
         self.http.receive_data(b"")
         self.process()
@@ -1678,27 +1717,13 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
         self.disarm_timer()
-        if self.username:
-            self.app.hub.leave(self)
-        if self.drain_waiter and not self.drain_waiter.done():
-            self.drain_waiter.set_exception(ConnectionError("connection lost"))
 
     def pause_writing(self) -> None:
         # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        tenant = self.app.hub.group_of(self) if self.username else None
-        if tenant is not None and self in tenant.live:
-            self.app.hub.slow_consumers_cut += 1
-            log.warning("cut off slow subscriber %s (%s): over %d unsent bytes",
-                        self.username, self.client, self.app.config.max_buffer)
-            self.app.hub.leave(self)
-            self.transport.abort()
-        else:
-            self.write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.drain_waiter and not self.drain_waiter.done():
-            self.drain_waiter.set_result(None)
 
     # -- timers ---------------------------------------------------------------------------
     def arm_timer(self, seconds: float) -> None:
@@ -1788,7 +1813,7 @@ class Connection(asyncio.Protocol):
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
-                       dict(parse_qsl(target.query, keep_blank_values=True)), headers,
+                       parse_qsl(target.query, keep_blank_values=True), headers,
                        bytes(self.body), self.client_address(headers), self)
 
     def client_address(self, headers: dict[str, str]) -> str:
@@ -1814,7 +1839,7 @@ class Connection(asyncio.Protocol):
             response = reply({"error": "internal error"}, 500)
         if response is STREAMING:
             return
-        if self.http is None:  # a stream that failed before it began; nothing more to say
+        if self.http is None:  # a stream whose handler failed; nothing more to say
             self.transport.close()
             return
         self.log_request(req.method, req.path, response.status, req.client)
@@ -1885,59 +1910,20 @@ class Connection(asyncio.Protocol):
         self.http = None
 
     # -- event streams --------------------------------------------------------------------
-    def start_stream(self, user: User, client: str) -> None:
-        """From now on the connection carries only SSE frames. The head and the retry frame
-        go out with the first frames (one write instead of two): see send_frames."""
-        assert self.http is not None and self.request is not None
-        # Chunked for HTTP/1.1 clients, a body that ends with the connection for 1.0.
-        self.chunked = self.http.their_http_version != b"1.0"
-        retry = retry_frame()
-        self.unsent = self.app.stream_heads[self.chunked] + (
-            chunk(retry) if self.chunked else retry)
+    def become_stream(self, user: User, reads: EventNames | None, client: str) -> Stream:
+        """From now on the connection carries only SSE frames: a Stream takes over the
+        transport, and this HTTP connection (with its parser) is done."""
+        assert self.http is not None
+        chunked = self.http.their_http_version != b"1.0"
         self.log_request("GET", "/sse", 200, client)
-        self.http = None
-        self.request = None
-        self.body = bytearray()
         self.disarm_timer()
+        self.http = None
+        self.app.connections.discard(self)
+        stream = Stream(self.app, self.transport, chunked, user, reads)
+        self.app.connections.add(stream)
+        self.transport.set_protocol(stream)
         self.transport.resume_reading()  # to notice the client hanging up
-        self.username = user.username
-        self.tenant = user.tenant_name
-        self.reads = grants(tuple(user.scopes))[0] if self.app.config.enforce_scopes else None
-
-    def send_events(self, events: list[Event]) -> None:
-        """Send those of the events this stream may read (held while syncing, a replay
-        from the store)."""
-        if self.reads is not None:
-            events = [event for event in events if self.reads(event.event)]
-        self.send_frames(b"".join(sse_frame(event) for event in events))
-
-    def send_frames(self, payload: bytes) -> None:
-        """Write frames (and the stream's head, if it is still unsent)."""
-        if self.transport.is_closing():  # uvloop raises on a write to a closed transport
-            return
-        data = (chunk(payload) if self.chunked else payload) if payload else b""
-        if self.unsent:
-            data, self.unsent = self.unsent + data, b""
-        if data:
-            self.transport.write(data)
-
-    async def drained(self, timeout: float = 30.0) -> None:
-        """Wait until the client has taken most of what we wrote (flow control for syncs)."""
-        if self.transport.is_closing():
-            raise ConnectionError("connection closed")
-        if not self.write_paused:
-            return
-        self.drain_waiter = asyncio.get_running_loop().create_future()
-        await asyncio.wait_for(self.drain_waiter, timeout)
-
-    def end_stream(self) -> None:
-        """Close a stream cleanly: the terminating chunk, then close after the buffer."""
-        self.app.hub.leave(self)
-        self.send_frames(b"")  # the head, if the stream ends before anything was sent
-        if not self.transport.is_closing():
-            if self.chunked:
-                self.transport.write(LAST_CHUNK)
-            self.transport.close()
+        return stream
 
 
 # ---------------------------------------------------------------------------------------
@@ -1962,11 +1948,12 @@ async def enforce_retention(app: App) -> None:
     while True:
         deleted = 0
         try:
-            while True:
+            more = True
+            while more:
                 pruned = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
+                app.hub.pruned(pruned.horizons)
                 deleted += pruned.deleted
-                if not pruned.more:
-                    break
+                more = pruned.more
         except StoreError as exc:
             log.warning("retention: pruning failed, trying again later: %s", exc)
         if deleted:
@@ -2022,11 +2009,11 @@ async def shutdown(app: App, server: asyncio.Server, grace: float = 3.0) -> None
     answer, as long as it completes within the grace period."""
     server.close()
     app.stopping = True
-    app.hub.close_all()
+    app.hub.end_all()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for conn in list(app.connections):
-            if conn.request is None and conn.http is not None:
+            if isinstance(conn, Connection) and conn.request is None and conn.http is not None:
                 conn.transport.close()  # idle between requests
         if not app.connections:
             break
