@@ -109,6 +109,19 @@ def payload(seq: int, pad: int) -> bytes:
     return b'{"n":%d,"pad":"%s"}' % (seq, b"x" * pad)
 
 
+def matches(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether a stream opened with `?event=` values `patterns` carries events named `name`
+    (issue 20): each pattern is an exact name or a prefix ending in `*`; no pattern: all."""
+    if not patterns:
+        return True
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def expected_frames(patterns: tuple[str, ...], accepted_by_event: dict[str, int]) -> int:
+    """Frames one stream with these filters should receive of the accepted events."""
+    return sum(n for name, n in accepted_by_event.items() if matches(patterns, name))
+
+
 def percentile(values: list[float], pct: float) -> float | None:
     if not values:
         return None
@@ -125,7 +138,10 @@ class Group:
     last_frame: float = 0.0  # monotonic time of the last received frame, any connection
     closed_by_server: int = 0
     cpu_at_reset: float = 0.0
+    reads: int = 0  # data_received calls of every stream after its head: frames ÷ reads
     streams: list[SubscriberProtocol] = field(default_factory=list)
+    channel_of: list[int] = field(default_factory=list)  # each stream's index in the channels
+    channels: int = 1
 
 
 class SubscriberProtocol(asyncio.Protocol):
@@ -172,6 +188,7 @@ class SubscriberProtocol(asyncio.Protocol):
             data = self._read_head(data)
             if not data:
                 return
+        self.group.reads += 1
         found = data.count(MARK) + (self.tail + data[:4]).count(MARK)
         self.tail = data[-4:] if len(data) >= 4 else (self.tail + data)[-4:]
         if found:
@@ -254,19 +271,23 @@ async def _subscriber(conn: Connection, channels: tuple[Channel, ...], total: in
     """Stream i subscribes as channels[i % len(channels)] (several users of one tenant)."""
     requests = [channel.sse_request() for channel in channels]
     host, port = channels[0].host, channels[0].port
-    group = Group()
+    group = Group(channels=len(channels))
     gate = asyncio.Semaphore(concurrency)
     chosen = probe_positions(total, probes)
     started = time.monotonic()
     opened = await asyncio.gather(*(open_stream(group, host, port, i in chosen, gate,
                                                 requests[i % len(requests)])
                                     for i in range(total)))
-    group.streams = [s for s in opened if isinstance(s, SubscriberProtocol)]
+    for index, item in enumerate(opened):
+        if isinstance(item, SubscriberProtocol):
+            group.streams.append(item)
+            group.channel_of.append(index % len(requests))
     errors: dict[str, int] = {}
     for item in opened:
         if isinstance(item, str):
             errors[item] = errors.get(item, 0) + 1
     conn.send({"connected": len(group.streams), "failed": total - len(group.streams),
+               "by_channel": [group.channel_of.count(k) for k in range(len(channels))],
                "errors": errors, "connect_seconds": time.monotonic() - started})
     loop = asyncio.get_running_loop()
     while True:
@@ -293,13 +314,18 @@ def reset_counts(group: Group) -> None:
         stream.samples.clear()
     group.last_frame = 0.0
     group.closed_by_server = 0
+    group.reads = 0
     group.cpu_at_reset = cpu_seconds()
 
 
 def collect(group: Group, loop_name: str) -> dict:
     counts = [s.count for s in group.streams]
     samples = [sample for s in group.streams if s.probe for sample in s.samples]
+    by_channel: list[list[int]] = [[] for _ in range(group.channels)]
+    for count, channel in zip(counts, group.channel_of, strict=True):
+        by_channel[channel].append(count)
     return {"received": sum(counts), "min_per_stream": min(counts, default=0),
+            "counts_by_channel": by_channel, "reads": group.reads,
             "max_per_stream": max(counts, default=0), "closed_by_server": group.closed_by_server,
             "last_frame": group.last_frame, "samples": samples,
             "cpu": cpu_seconds() - group.cpu_at_reset,
@@ -371,6 +397,14 @@ class PublishPlan:
     pad: int = 48
     record_sends: bool = True  # keep each send time (for latencies); off for long insert runs
     distinct_events: bool = False  # name the events e0, e1, ... instead of one "bench"
+    event_names: tuple[str, ...] = ()  # or cycle over these names (accepted counted by name)
+
+    def event(self, index: int) -> str:
+        if self.distinct_events:
+            return f"e{index}"
+        if self.event_names:
+            return self.event_names[index % len(self.event_names)]
+        return "bench"
 
 
 async def _publish(plan: PublishPlan) -> dict:
@@ -378,6 +412,7 @@ async def _publish(plan: PublishPlan) -> dict:
     send_times = [0.0] * (plan.events if plan.record_sends else 0)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    accepted_by_event = dict.fromkeys(plan.event_names, 0)  # bounded: one entry per name
     state = {"next": 0}
     started = time.monotonic()
     deadline = started + plan.max_seconds
@@ -393,12 +428,14 @@ async def _publish(plan: PublishPlan) -> dict:
                 delay = started + index / plan.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            event = f"e{index}" if plan.distinct_events else "bench"
+            event = plan.event(index)
             data = plan.channel.publish_request(payload(index, plan.pad), event)
             sent = time.monotonic()
             if plan.record_sends:
                 send_times[index] = sent
-            await timed_request(client, data, sent, latencies, statuses)
+            status = await timed_request(client, data, sent, latencies, statuses)
+            if event in accepted_by_event and 200 <= status < 300:
+                accepted_by_event[event] += 1
         client.close()
 
     await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
@@ -406,6 +443,7 @@ async def _publish(plan: PublishPlan) -> dict:
     sent_count = min(state["next"], plan.events)
     accepted = sum(n for status, n in statuses.items() if 200 <= status < 300)
     return {"sent": sent_count, "accepted": accepted, "statuses": statuses,
+            "accepted_by_event": accepted_by_event,
             "send_times": send_times[:sent_count], "started": started, "finished": finished,
             "request_p50": percentile(latencies, 50), "request_p99": percentile(latencies, 99),
             "request_max": max(latencies, default=None),
@@ -413,8 +451,9 @@ async def _publish(plan: PublishPlan) -> dict:
 
 
 async def timed_request(client: HttpClient, data: bytes, sent: float, latencies: list[float],
-                        statuses: dict[int, int]) -> None:
-    """One request on `client`; its latency since `sent` and its status (-1: failed) noted."""
+                        statuses: dict[int, int]) -> int:
+    """One request on `client`; its latency since `sent` and its status (-1: failed) noted
+    and returned."""
     try:
         status, _ = await client.request(data)
     except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -422,6 +461,7 @@ async def timed_request(client: HttpClient, data: bytes, sent: float, latencies:
         client.close()
     latencies.append(time.monotonic() - sent)
     statuses[status] = statuses.get(status, 0) + 1
+    return status
 
 
 def publisher_main(conn: Connection, plan: PublishPlan) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PEERS = ("starlette", "nchan")
+# The servers broker's ratios are computed against: the peers, and broker-base (broker run
+# from another checkout, e.g. today's code) when it ran.
+PEERS = ("broker-base", "starlette", "nchan")
+BASE = "broker-base"
 
 
 def fmt(value: object, digits: int = 1) -> str:
@@ -57,7 +60,7 @@ def side_by_side(results: dict, section: dict, metric: str, label: str) -> str:
         values = [by_server.get(s, {}).get(metric) for s in servers]
         ref_value = by_server.get(ref, {}).get(metric) if ref else None
         ratios = [ratio(ref_value, by_server.get(p, {}).get(metric)) for p in peers(results)]
-        rows.append([int(key) if key.isdigit() else key, *values, *(ratios if ref else [])])
+        rows.append([key_label(key), *values, *(ratios if ref else [])])
     return table(header, rows)
 
 
@@ -101,32 +104,70 @@ def fanout_section(results: dict) -> str:
     return "\n".join(out)
 
 
-def details(section: dict, label: str) -> str:
+def details(section: dict, label: str, fixed_rate: bool = False) -> str:
+    """Every row of a fan-out-like section; `fixed_rate` adds how much of the rate was kept
+    and the p99 counted from when each event was due."""
     header = [label, "server", "events", "published/s", "deliveries/s", "p50 ms", "p99 ms",
               "lost", "server CPU %", "subscriber CPU %", "connect s"]
+    header += ["rate kept", "p99 from due ms"] if fixed_rate else []
     rows = []
     for key, by_server in section.items():
         for name, r in by_server.items():
-            rows.append([int(key) if key.isdigit() else key, name, r["events"],
+            rows.append([key_label(key), name, r["events"],
                          r["published_per_s"], r["deliveries_per_s"], r["p50_ms"], r["p99_ms"],
                          r["lost"], r["server_cpu_pct"], r["subscriber_cpu_pct"],
                          r["connect_seconds"]])
+            if fixed_rate:
+                rows[-1] += [kept(r["published_per_s"], float(key)), r.get("p99_from_due_ms")]
     return table(header, rows)
 
 
+def kept(published: float, rate: float) -> str:
+    """Published/s as a share of the rate; flagged when the publisher fell behind."""
+    share = published / rate if rate else 0
+    return f"{share:.0%}" + (" ⚠ behind" if share < 0.95 else "")
+
+
+def key_label(key: str) -> object:
+    """A section key for a table: "1000" -> 1000 (shown 1,000), "1000 filtered" -> "1,000
+    filtered", anything else as it is."""
+    first, _, rest = key.partition(" ")
+    if not first.isdigit():
+        return key
+    return f"{int(first):,} {rest}" if rest else int(first)
+
+
+def latency_by_rate(results: dict) -> dict:
+    """{rate: {server: row}}; results of runs before the rates were settable held one rate's
+    {server: row} (settings latency_rate), which --merge may bring in."""
+    section = results.get("latency") or {}
+    if any("p99_ms" in row for row in section.values()):
+        return {f"{results['settings'].get('latency_rate', 200):g}": section}
+    return section
+
+
 def latency_section(results: dict) -> str:
-    section = results["latency"]
+    section = latency_by_rate(results)
     if not section:
         return ""
     s = results["settings"]
-    key = f"{s['latency_rate']:.0f}/s to {s['latency_subscribers']:,}"
+    publishers = sorted({row.get("publishers", s["fanout_publishers"])
+                         for by_server in section.values() for row in by_server.values()})
     return "\n".join([
-        (f"## 2. Latency at a fixed {s['latency_rate']:.0f} events/s to "
-         f"{s['latency_subscribers']:,} subscribers ({s['latency_seconds']:.0f} s)\n"),
+        (f"## 2. Latency at a fixed rate to {s['latency_subscribers']:,} subscribers "
+         f"({s['latency_seconds']:.0f} s per rate)\n"),
         from_earlier(results, "latency"),
-        "p99 in ms (lower is better):\n",
-        side_by_side(results, {key: section}, "p99_ms", "rate"),
-        "\nDetails:\n", details({key: section}, "rate")])
+        (f"Events published at each rate over {' or '.join(map(str, publishers))} keep-alive "
+         "publisher connection(s) (`--latency-publishers`); a server that cannot keep up "
+         "shows it as published/s below the rate (\"rate kept\" below 95% is flagged: its "
+         "latencies then come from a lighter load than the others') and as growing latency. "
+         "The latency is counted from when the request was written; \"p99 from due\" counts "
+         "it from when the event was due by the schedule, so it includes the wait of the "
+         "events a publisher behind its schedule sent late. p50 in ms (lower is better):\n"),
+        side_by_side(results, section, "p50_ms", "events/s"),
+        "\np99 in ms (lower is better):\n",
+        side_by_side(results, section, "p99_ms", "events/s"),
+        "\nDetails:\n", details(section, "events/s", fixed_rate=True)])
 
 
 def steady_section(results: dict) -> str:
@@ -155,18 +196,39 @@ def memory_section(results: dict) -> str:
     if not section:
         return ""
     header = ["streams", "server", "connected", "failed", "RSS before MiB", "RSS after MiB",
-              "KiB per stream", "still open", "1 event delivered to", "its publish"]
-    rows = [[int(key), name, r["streams"], r["failed"], round(r["rss_before_kib"] / 1024, 1),
+              "KiB per stream", "still open", "frames delivered (expected)", "publish"]
+    rows = [[key_label(key), name, r["streams"], r["failed"],
+             round(r["rss_before_kib"] / 1024, 1),
              round(r["rss_after_kib"] / 1024, 1), r["kib_per_stream"], r["held"],
-             r["event_delivered_to"], statuses(r.get("publish_statuses"))]
+             f"{r['event_delivered_to']:,} ({r.get('expected_deliveries', r['streams']):,})",
+             statuses(r.get("publish_statuses"))]
             for key, by_server in section.items() for name, r in by_server.items()]
     return "\n".join([
         "## 3. Memory: resident set per idle stream (fresh server process)\n",
         from_earlier(results, "memory"),
         ("(RSS with N open streams − RSS before) ÷ N, VmRSS of all the server's processes. "
-         "KiB per stream (lower is better):\n"),
-        side_by_side(results, section, "kib_per_stream", "streams"), "\nDetails:\n",
+         "\"N filtered\": broker's streams opened with `?event=` filters, 10 distinct ones "
+         "(`--memory-filtered`). KiB per stream (lower is better):\n"),
+        side_by_side(results, section, "kib_per_stream", "streams"),
+        memory_filtered_ratios(results, section), "\nDetails:\n",
         table(header, rows)])
+
+
+def memory_filtered_ratios(results: dict, section: dict) -> str:
+    """Filtered ÷ unfiltered KiB per idle stream, per server and size (issue 20: within 10%)."""
+    rows = []
+    for key, by_server in section.items():
+        if key.endswith(" filtered"):
+            plain = section.get(key.split()[0], {})
+            for name, r in by_server.items():
+                unfiltered = plain.get(name, {}).get("kib_per_stream")
+                rows.append([int(key.split()[0]), name, unfiltered, r["kib_per_stream"],
+                             ratio(r["kib_per_stream"], unfiltered)])
+    if not rows:
+        return ""
+    return ("\nFiltered ÷ unfiltered streams, same run:\n\n"
+            + table(["streams", "server", "unfiltered KiB", "filtered KiB",
+                     "filtered ÷ unfiltered"], rows))
 
 
 def inserts_section(results: dict) -> str:
@@ -266,6 +328,118 @@ def restart_section(results: dict) -> str:
                "events", "lost", "duplicated", "publisher statuses"], rows)])
 
 
+def filters_section(results: dict) -> str:
+    section = results.get("filters")
+    if not section:
+        return ""
+    s = results["settings"]
+    rows, runs = [], []
+    for name, regimes in section.items():
+        for regime, r in regimes.items():
+            measured = [x for mode in ("unfiltered", "filtered") for x in r["runs"][mode]]
+            rows.append([regime, name, r["unfiltered_us"], r["filtered_us"],
+                         ratio_of(r["filtered_vs_unfiltered"]),
+                         ratio_of(r["median_filtered_vs_unfiltered"]), r["insert_us"],
+                         r["net_unfiltered_us"], r["net_filtered_us"],
+                         ratio_of(r["net_filtered_vs_unfiltered"]),
+                         ratio_of(r["net_median_filtered_vs_unfiltered"]),
+                         r["unfiltered_frames_per_read"], r["filtered_frames_per_read"],
+                         sum(x["lost"] for x in measured), sum(x["extra"] for x in measured),
+                         len(r["runs"]["filtered"])])
+            runs += [[regime, name, x["mode"], x["events"], x["published_per_s"],
+                      x.get("deliveries"), x.get("expected"), x.get("lost"), x.get("extra"),
+                      x["server_cpu_s"], x.get("us_per_frame"), x.get("net_us_per_frame"),
+                      x.get("us_per_event"), x.get("frames_per_read"), x.get("p50_ms"),
+                      x.get("p99_ms")] for mode in r["runs"].values() for x in mode]
+    first = next(iter(next(iter(section.values())).values()))
+    filters = ", ".join("`" + "&".join(f"event={p}" for p in f) + "`" for f in first["filters"])
+    return "\n".join([
+        "## 9. Stream filters: server CPU per delivered frame, filtered ÷ unfiltered\n",
+        from_earlier(results, "filters"),
+        (f"{s['filter_subscribers']:,} subscribers of one tenant; events cycle over "
+         f"{first['names']} names (`f00`…); the filtered runs spread the subscribers evenly "
+         f"over {len(first['filters'])} filters ({filters}), so each gets a tenth of the "
+         "events; the unfiltered runs get everything; a third kind of run publishes the same "
+         "with no subscriber (the inserts alone). Fresh servers, in turn; server CPU seconds "
+         "÷ frames received, the cheapest run of each and the ratio of the cheapest and of "
+         "the median runs; \"net\": the same without the inserts' own CPU (the median CPU "
+         "per insert of the runs without subscribers times the run's events), which costs "
+         "the same in both runs but is spread over a tenth as many frames when filtered. At "
+         "a fixed rate (one publisher) every event goes out in writes of its own (frames "
+         "per read ≈ 1); in the flood (the fan-out's publishers) an unfiltered write "
+         "carries many events and a filtered one a tenth as many. Lost and extra: per "
+         "stream, frames its filter lets through that did not arrive, and frames beyond "
+         "them (a server that ignores `?event=` sends everything: all extra).\n"),
+        table(["rate", "server", "unfiltered µs/frame", "filtered µs/frame",
+               "filtered ÷ unfiltered", "median filtered ÷ unfiltered", "µs per insert alone",
+               "net unfiltered µs/frame", "net filtered µs/frame", "net filtered ÷ unfiltered",
+               "net median filtered ÷ unfiltered", "unfiltered frames/read",
+               "filtered frames/read", "lost", "extra", "rounds"], rows),
+        "\nEvery run:\n",
+        table(["rate", "server", "subscribers", "events", "published/s", "frames",
+               "expected", "lost", "extra", "server CPU s", "µs/frame", "net µs/frame",
+               "µs/insert", "frames/read", "p50 ms", "p99 ms"], runs)])
+
+
+def ratio_of(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def base_section(results: dict) -> str:
+    """broker ÷ broker-base on every metric both ran: the new code against the old, same run."""
+    if not {"broker", BASE} <= set(results["servers"]):
+        return ""
+    rows = []
+    for label, by_server, metric, better in base_metrics(results):
+        new, old = by_server.get("broker", {}).get(metric), by_server.get(BASE, {}).get(metric)
+        if new is not None or old is not None:
+            rows.append([label, new, old, ratio(new, old), better])
+    base = results.get("base") or {}
+    return "\n".join([
+        f"## broker ÷ {BASE}: this checkout against {base.get('describe') or 'another'}\n",
+        (f"`{BASE}` is broker run from that checkout's code on the same event loop and flags; "
+         "both ran in this run, one after the other. Compare the ratio with its spread "
+         "between runs (the noise) before calling it a change.\n"),
+        table(["metric", "broker", BASE, f"broker ÷ {BASE}", "better"], rows)])
+
+
+def base_metrics(results: dict) -> list[tuple[str, dict, str, str]]:
+    """(label, {server: row}, metric, which way is better) for the base comparison."""
+    out = []
+    for size, by_server in results["fanout"].items():
+        out += [(f"fan-out {int(size):,} subs: deliveries/s", by_server, "deliveries_per_s",
+                 "higher"), (f"fan-out {int(size):,} subs: p99 ms", by_server, "p99_ms", "lower")]
+    for rate, by_server in latency_by_rate(results).items():
+        out += [(f"{rate} events/s: p{pct} ms", by_server, f"p{pct}_ms", "lower")
+                for pct in (50, 99)]
+    steady = results.get("steady") or {}
+    out += [("steady rate: delivery p99 ms", steady, "p99_ms", "lower"),
+            ("steady rate: other request p99 ms", steady, "request_p99_ms", "lower")]
+    out += [(f"memory {key}: KiB per idle stream", by_server, "kib_per_stream", "lower")
+            for key, by_server in results["memory"].items()]
+    out += [(f"inserts/s, {key}", by_server, "inserts_per_s", "higher")
+            for key, by_server in results["inserts"].items()]
+    out += [("connects/s", results["connects"], "connects_per_s", "higher"),
+            ("connects p99 ms", results["connects"], "p99_ms", "lower")]
+    restart = results.get("restart") or {}
+    out += [(f"restart: {what} streaming s", restart, metric, "lower") for what, metric in
+            (("half", "streaming_p50_seconds"), ("90%", "streaming_p90_seconds"),
+             ("all", "all_streaming_seconds"))]
+    out += [("restart: lost + duplicated", {name: {"v": r["lost"] + r["duplicated"]}
+                                            for name, r in restart.items()}, "v", "0")]
+    scopes = results.get("scopes") or {}
+    out += [(f"scopes {mode}: deliveries/s", {n: r[mode] for n, r in scopes.items()},
+             "deliveries_per_s", "higher") for mode in ("off", "on")]
+    filters = results.get("filters") or {}
+    for regime in dict.fromkeys(regime for regimes in filters.values() for regime in regimes):
+        by_server = {n: r[regime] for n, r in filters.items() if regime in r}
+        out += [(f"filters {regime}: {label}", by_server, metric, "lower")
+                for label, metric in (("unfiltered µs/frame", "unfiltered_us"),
+                                      ("filtered µs/frame", "filtered_us"),
+                                      ("µs per insert alone", "insert_us"))]
+    return out
+
+
 def headline(results: dict) -> str:
     """The numbers the issue's targets are stated in, with the ratios."""
     ref = reference(results)
@@ -275,16 +449,19 @@ def headline(results: dict) -> str:
     for size, by_server in results["fanout"].items():
         rows.append(headline_row(results, f"fan-out deliveries/s, {int(size):,} subscribers",
                                  by_server, "deliveries_per_s"))
-    if results["latency"]:
-        rows.append(headline_row(results, "p99 ms at the fixed rate (lower is better)",
-                                 results["latency"], "p99_ms"))
+        rows.append(headline_row(results, f"fan-out p99 ms, {int(size):,} subscribers "
+                                 "(lower is better)", by_server, "p99_ms"))
+    for rate, by_server in latency_by_rate(results).items():
+        for pct in (50, 99):
+            rows.append(headline_row(results, f"p{pct} ms at {rate} events/s (lower is better)",
+                                     by_server, f"p{pct}_ms"))
     if results.get("steady"):
         rows.append(headline_row(results, "steady rate, large tenant: delivery p99 ms",
                                  results["steady"], "p99_ms"))
         rows.append(headline_row(results, "steady rate, large tenant: other request p99 ms",
                                  results["steady"], "request_p99_ms"))
     for size, by_server in results["memory"].items():
-        rows.append(headline_row(results, f"KiB per idle stream, {int(size):,} streams "
+        rows.append(headline_row(results, f"KiB per idle stream, {fmt(key_label(size))} streams "
                                  "(lower is better)", by_server, "kib_per_stream"))
     if not rows:
         return ""
@@ -310,7 +487,7 @@ def markdown(results: dict) -> str:
         "## Machine\n", machine_section(results), headline(results), fanout_section(results),
         latency_section(results), memory_section(results), inserts_section(results),
         connects_section(results), scopes_section(results), restart_section(results),
-        steady_section(results)]
+        steady_section(results), filters_section(results), base_section(results)]
     return "\n".join(part for part in parts if part).rstrip() + "\n"
 
 
@@ -325,14 +502,10 @@ def chart(results: dict, path: Path) -> None:
                  "Fan-out: deliveries/s", "subscribers", log=True)
     grouped_bars(axes[0][1], results["fanout"], "p99_ms", results["servers"],
                  "Fan-out: p99 latency (ms)", "subscribers", log=True)
-    latency = {"p50": {}, "p99": {}}
-    for name, r in results["latency"].items():
-        latency["p50"][name] = {"v": r["p50_ms"]}
-        latency["p99"][name] = {"v": r["p99_ms"]}
     s = results["settings"]
-    grouped_bars(axes[0][2], latency if results["latency"] else {}, "v", results["servers"],
-                 f"{s['latency_rate']:.0f} events/s to {s['latency_subscribers']:,}: latency "
-                 "(ms)", "", log=True)
+    grouped_bars(axes[0][2], latency_by_rate(results), "p99_ms", results["servers"],
+                 f"Fixed rate to {s['latency_subscribers']:,}: p99 latency (ms)", "events/s",
+                 log=True)
     grouped_bars(axes[1][0], results["memory"], "kib_per_stream", results["servers"],
                  "Memory: KiB per idle stream", "streams")
     inserts_bars(axes[1][1], results)

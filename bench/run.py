@@ -26,21 +26,39 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from statistics import median
-from typing import Self
+from typing import Any, Self
 
 import loadgen
-from loadgen import Channel, PublishPlan, percentile
-from servers import ALL_SERVERS, PG_SERVERS, Broker, Server, nginx_version, server_factories
+from loadgen import Channel, PublishPlan, expected_frames, percentile
+from servers import (
+    ALL_SERVERS,
+    BASE_SERVER,
+    PG_SERVERS,
+    Broker,
+    Server,
+    base_checkout,
+    nginx_version,
+    server_factories,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["fanout", "latency", "memory", "inserts", "connects", "scopes", "restart",
-             "steady"]
+             "steady", "filters"]
+# What a run without --scenarios does: all but `filters` (stream filters, issue 20), which
+# is on request until the server has them, so the published results keep their shape.
+DEFAULT_SCENARIOS = [s for s in SCENARIOS if s != "filters"]
 # The permission groups of the scopes scenario: different scopes, but each may read "bench".
 SCOPE_GROUPS = [["bench:get"], ["b*:get"], ["*:get"], ["bench:get", "news:get"]]
+# The stream filters of issue 20 (`GET /sse?event=...`): events cycle over 20 names, and 10
+# distinct filters, exact names and prefixes, each match two of them and every name is matched
+# by one filter, so every event goes to a tenth of the subscribers.
+FILTER_NAMES = tuple(f"f{i:02d}" for i in range(20))
+FILTERS = (*((f"f{2 * i:02d}", f"f{2 * i + 1:02d}") for i in range(8)), ("f16", "f17*"),
+           ("f18*", "f19*"))
 SPAWN = mp.get_context("spawn")
 
 
@@ -53,7 +71,8 @@ class Settings:
     fanout_publishers: int = 16  # concurrent keep-alive publisher connections
     fanout_max_seconds: float = 30.0  # publishing stops after this, whatever the count
     latency_subscribers: int = 1000
-    latency_rate: float = 200.0
+    latency_rates: list[float] = field(default_factory=lambda: [200.0])  # one row each
+    latency_publishers: int = 0  # publisher connections at a fixed rate; 0: fanout_publishers
     latency_seconds: float = 10.0
     steady_subscribers: int = 10_000  # one large tenant, one publisher at a steady rate,
     steady_rate: float = 10.0  # and meanwhile a request timed on another connection
@@ -83,13 +102,21 @@ class Settings:
     scopes_subscribers: int = 1000  # spread over the SCOPE_GROUPS
     scopes_deliveries: int = 5_000_000  # per run: long enough for a stable rate
     scopes_rounds: int = 3  # fresh servers with --enforce_scopes off, then on, this many times
+    filter_subscribers: int = 1000  # spread evenly over the FILTERS, or all unfiltered
+    # Publish rates of the filters scenario, one comparison each; 0 is the publishers' flood.
+    filter_rates: list[float] = field(default_factory=lambda: [50.0, 0.0])
+    filter_seconds: float = 10.0  # at a fixed rate: rate x this events, one publisher
+    filter_deliveries: int = 2_000_000  # flood: unfiltered deliveries; events = this / subs
+    filter_rounds: int = 3  # fresh servers unfiltered, then filtered, this many times
+    memory_filtered: bool = False  # memory: also streams opened with the FILTERS (broker)
 
 
 QUICK = Settings(fanout_sizes=[100, 1000], fanout_deliveries=100_000, fanout_max_seconds=10,
                  latency_seconds=3, steady_subscribers=2000, steady_seconds=3,
                  memory_sizes=[1000, 2000], insert_seconds=2,
                  connect_total=300, connect_max_seconds=5, drain_timeout=30,
-                 scopes_deliveries=500_000, scopes_rounds=1, restart_subscribers=1000)
+                 scopes_deliveries=500_000, scopes_rounds=1, restart_subscribers=1000,
+                 filter_seconds=3, filter_deliveries=300_000, filter_rounds=1)
 
 
 def log(message: str) -> None:
@@ -129,7 +156,9 @@ class Subscribers:
         self.children = [spawn(loadgen.subscriber_main, channel, share,
                                round(probes * share / total), gate) for share in shares]
         timeout = 60 + total / 50
-        self.ready = {"connected": 0, "failed": 0, "errors": {}, "connect_seconds": 0.0}
+        channels = len(channel) if isinstance(channel, tuple) else 1
+        self.ready: dict[str, Any] = {"connected": 0, "failed": 0, "errors": {},
+                                      "connect_seconds": 0.0, "by_channel": [0] * channels}
         for _, conn in self.children:
             if not conn.poll(timeout):
                 self.close()
@@ -139,6 +168,8 @@ class Subscribers:
             self.ready["failed"] += part["failed"]
             self.ready["connect_seconds"] = max(self.ready["connect_seconds"],
                                                 part["connect_seconds"])
+            for index, count in enumerate(part["by_channel"]):
+                self.ready["by_channel"][index] += count
             for error, count in part["errors"].items():
                 self.ready["errors"][error] = self.ready["errors"].get(error, 0) + count
 
@@ -169,6 +200,9 @@ class Subscribers:
         parts = self.ask("collect")
         return {"received": sum(p["received"] for p in parts),
                 "min_per_stream": min(p["min_per_stream"] for p in parts),
+                "reads": sum(p["reads"] for p in parts),
+                "counts_by_channel": [[c for p in parts for c in p["counts_by_channel"][k]]
+                                      for k in range(len(self.ready["by_channel"]))],
                 "closed_by_server": sum(p["closed_by_server"] for p in parts),
                 "last_frame": max(p["last_frame"] for p in parts),
                 "samples": [s for p in parts for s in p["samples"]],
@@ -198,27 +232,37 @@ def ms(value: float | None) -> float | None:
 
 
 def fanout(server: Server, subscribers: int, events: int, rate: float, settings: Settings,
-           channels: tuple[Channel, tuple[Channel, ...]] | None = None) -> dict:
+           channels: tuple[Channel, tuple[Channel, ...]] | None = None,
+           publishers: int = 0) -> dict:
     """Publish `events` to `subscribers` streams of one tenant; deliveries/s, latency, loss.
-    `channels`: the publisher's, and those the streams take turns with (one by default)."""
+    `channels`: the publisher's, and those the streams take turns with (one by default);
+    `publishers`: connections (default: settings.fanout_publishers)."""
     channel, streams = channels or (server.new_channel(),) * 2
+    publishers = publishers or settings.fanout_publishers
     with Subscribers(streams, subscribers, settings, settings.probes) as subs:
         subs.ask("reset")
         cpu_before = server.cpu_seconds()
-        plan = PublishPlan(channel, events, settings.fanout_publishers, rate,
-                           settings.fanout_max_seconds, settings.pad)
+        plan = PublishPlan(channel, events, publishers, rate, settings.fanout_max_seconds,
+                           settings.pad)
         pub = run_process(loadgen.publisher_main, plan)
         expected = pub["accepted"] * subs.ready["connected"]
         subs.wait_for(expected, settings)
         got = subs.collect()
         server_cpu = server.cpu_seconds() - cpu_before
-    return summarize_fanout(subs.ready, pub, got, expected, server_cpu)
+    row = summarize_fanout(subs.ready, pub, got, expected, server_cpu, rate)
+    row["publishers"] = publishers
+    return row
 
 
 def summarize_fanout(ready: dict, pub: dict, got: dict, expected: int,
-                     server_cpu: float) -> dict:
+                     server_cpu: float, rate: float = 0.0) -> dict:
+    """`rate`: the publishing was at a fixed rate; then the latency is also measured from
+    when each event was due (start + seq / rate), which counts the wait of the events that
+    a publisher behind its schedule sent late (the latency from the send does not)."""
     sends = pub["send_times"]
     latencies = [t - sends[seq] for seq, t in got["samples"] if seq < len(sends)]
+    from_due = [t - pub["started"] - seq / rate for seq, t in got["samples"]
+                if seq < len(sends)] if rate else []
     last = got["last_frame"] or pub["finished"]  # no frame at all: the publishing time
     elapsed = max(last - pub["started"], 1e-9)
     publish_seconds = max(pub["finished"] - pub["started"], 1e-9)
@@ -231,6 +275,7 @@ def summarize_fanout(ready: dict, pub: dict, got: dict, expected: int,
         "lost": max(0, expected - got["received"]),
         "deliveries_per_s": round(got["received"] / elapsed) if got["received"] else 0,
         "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+        "p99_from_due_ms": ms(percentile(from_due, 99)), "rate": rate,
         "max_ms": ms(max(latencies, default=None)), "latency_samples": len(latencies),
         "closed_by_server": got["closed_by_server"],
         "seconds": round(elapsed, 2),
@@ -266,21 +311,28 @@ def steady(server: Server, settings: Settings) -> dict:
     return row
 
 
-def memory(factory: Callable[[], Server], streams: int, settings: Settings) -> dict:
-    """RSS per idle stream on a fresh server; then one event must reach every stream."""
+def memory(factory: Callable[[], Server], streams: int, settings: Settings,
+           filtered: bool = False) -> dict:
+    """RSS per idle stream on a fresh server; then one event must reach every stream.
+    `filtered` (broker): the streams take turns with the FILTERS, and one event of each of
+    the FILTER_NAMES is published, of which every stream should get the ones it matches."""
     server = factory().start()
     try:
         channel = server.new_channel()
-        with Subscribers(channel, 1, settings, 0):  # warm the stream code path once
+        streams_of = stream_channels(channel, filtered)
+        with Subscribers(streams_of, 1, settings, 0):  # warm the stream code path once
             time.sleep(0.2)
         time.sleep(0.5)
         before = server.rss_kib()
-        with Subscribers(channel, streams, settings, 0) as subs:
+        with Subscribers(streams_of, streams, settings, 0) as subs:
             time.sleep(1.0)
             after = server.rss_kib()
             subs.ask("reset")
-            pub = run_process(loadgen.publisher_main, PublishPlan(channel, 1, 1, pad=settings.pad))
-            delivered = subs.wait_for(streams, settings)
+            names = FILTER_NAMES if filtered else ()
+            pub = run_process(loadgen.publisher_main, PublishPlan(
+                channel, len(names) or 1, 1, pad=settings.pad, event_names=names))
+            expected = expected_deliveries(subs.ready["by_channel"], filtered, pub)
+            delivered = subs.wait_for(expected, settings)
             held = subs.ready["connected"] - subs.collect()["closed_by_server"]
         connected = subs.ready["connected"]
         return {"streams": connected, "failed": subs.ready["failed"],
@@ -289,9 +341,152 @@ def memory(factory: Callable[[], Server], streams: int, settings: Settings) -> d
                 "rss_before_kib": before, "rss_after_kib": after,
                 "kib_per_stream": round((after - before) / max(connected, 1), 2),
                 "held": held, "event_delivered_to": delivered if pub["accepted"] else 0,
+                "expected_deliveries": expected, "filtered": filtered,
                 "publish_statuses": pub["statuses"]}
     finally:
         server.stop()
+
+
+def stream_channels(channel: Channel, filtered: bool) -> tuple[Channel, ...]:
+    """The channels a tenant's streams take turns with: the plain stream, or one per filter
+    of FILTERS (`/sse?event=a&event=b*`, same credentials)."""
+    if not filtered:
+        return (channel,)
+    return tuple(replace(channel, sse_path="/sse?" + "&".join(f"event={p}" for p in patterns))
+                 for patterns in FILTERS)
+
+
+def per_stream_expected(filtered: bool, pub: dict) -> list[int]:
+    """Frames one stream of each channel of stream_channels() should get of what `pub`
+    published: what its filter matches (all of it unfiltered)."""
+    if not filtered:
+        return [pub["accepted"]]
+    return [expected_frames(patterns, pub["accepted_by_event"]) for patterns in FILTERS]
+
+
+def expected_deliveries(by_channel: list[int], filtered: bool, pub: dict) -> int:
+    """Frames all the connected streams should get, given how many hold each channel."""
+    return sum(n * e for n, e in zip(by_channel, per_stream_expected(filtered, pub), strict=True))
+
+
+def filter_plan(channel: Channel, rate: float, settings: Settings) -> PublishPlan:
+    """What the filters scenario publishes: `rate` events/s for filter_seconds from one
+    connection, or (rate 0) filter_deliveries ÷ filter_subscribers events flooded by the
+    fan-out's publishers; the events cycle over FILTER_NAMES."""
+    if rate:
+        events, publishers = int(rate * settings.filter_seconds), 1
+    else:
+        events = max(10, settings.filter_deliveries // settings.filter_subscribers)
+        publishers = settings.fanout_publishers
+    return PublishPlan(channel, events, publishers, rate, settings.fanout_max_seconds,
+                       settings.pad, event_names=FILTER_NAMES)
+
+
+def publish_alone(server: Server, rate: float, settings: Settings) -> dict:
+    """The filters scenario's publishing with no subscriber: the server CPU of the inserts
+    alone, to take out of the runs' CPU per frame (see compare_filters)."""
+    plan = filter_plan(server.new_channel(), rate, settings)
+    cpu_before = server.cpu_seconds()
+    pub = run_process(loadgen.publisher_main, plan)
+    time.sleep(0.5)  # as the runs with subscribers do after their last frame
+    server_cpu = server.cpu_seconds() - cpu_before
+    return {"mode": "alone", "events": pub["accepted"], "publishers": plan.concurrency,
+            "published_per_s": round(pub["accepted"] / max(pub["finished"] - pub["started"],
+                                                            1e-9)),
+            "server_cpu_s": round(server_cpu, 3),
+            "us_per_event": round(1e6 * server_cpu / max(pub["accepted"], 1), 1)}
+
+
+def filtered_fanout(server: Server, filtered: bool, rate: float, settings: Settings) -> dict:
+    """One run of the filters scenario: events of filter_plan() to a fresh tenant's
+    `filter_subscribers` streams, spread evenly over the FILTERS or all unfiltered. Server CPU
+    per delivered frame; lost and extra frames counted per stream against its filter."""
+    channel = server.new_channel()
+    streams = stream_channels(channel, filtered)
+    with Subscribers(streams, settings.filter_subscribers, settings, settings.probes) as subs:
+        subs.ask("reset")
+        cpu_before = server.cpu_seconds()
+        plan = filter_plan(channel, rate, settings)
+        pub = run_process(loadgen.publisher_main, plan)
+        expected = expected_deliveries(subs.ready["by_channel"], filtered, pub)
+        subs.wait_for(expected, settings)
+        time.sleep(0.5)  # frames beyond the filter (a bug, or a server without filters)
+        got = subs.collect()
+        server_cpu = server.cpu_seconds() - cpu_before
+    row = summarize_fanout(subs.ready, pub, got, expected, server_cpu)
+    wanted = per_stream_expected(filtered, pub)
+    counts = [(wanted[k], count) for k, part in enumerate(got["counts_by_channel"])
+              for count in part]
+    row.update({"mode": "filtered" if filtered else "unfiltered", "rate": rate,
+                "publishers": plan.concurrency,
+                "lost": sum(max(0, want - count) for want, count in counts),
+                "extra": sum(max(0, count - want) for want, count in counts),
+                "server_cpu_s": round(server_cpu, 3),
+                "us_per_frame": round(1e6 * server_cpu / got["received"], 2)
+                if got["received"] else None,
+                "frames_per_read": round(got["received"] / max(got["reads"], 1), 2)})
+    return row
+
+
+def filters(factory: Callable[[], Server], settings: Settings,
+            profile_dir: str | None = None) -> dict:
+    """For each of the filter_rates: fresh servers with unfiltered subscribers, filtered
+    ones and none (the inserts alone), in turn, filter_rounds times; compare_filters."""
+    results = {}
+    for rate in settings.filter_rates:
+        runs: dict[str, list[dict]] = {"unfiltered": [], "filtered": [], "alone": []}
+        for _ in range(settings.filter_rounds):
+            for mode, rows in runs.items():
+                server = factory().start()
+                try:
+                    with profiled(server, profile_dir, f"filters-{mode}-{rate:g}"):
+                        rows.append(publish_alone(server, rate, settings) if mode == "alone"
+                                    else filtered_fanout(server, mode == "filtered", rate,
+                                                         settings))
+                finally:
+                    server.stop()
+                log_filter_run(rows[-1])
+        results[f"{rate:g}/s" if rate else "flood"] = compare_filters(runs)
+    return results
+
+
+def log_filter_run(row: dict) -> None:
+    if row["mode"] == "alone":
+        log(f"  no subscriber: {row['us_per_event']} µs server CPU per insert, "
+            f"{row['events']} events")
+        return
+    log(f"  {row['mode']}: {row['us_per_frame']} µs server CPU per frame, "
+        f"{row['deliveries']:,} frames (expected {row['expected']:,}), lost {row['lost']}, "
+        f"extra {row['extra']}, {row['frames_per_read']} frames per read")
+
+
+def compare_filters(runs: dict[str, list[dict]]) -> dict:
+    """The cheapest run of each kind and filtered ÷ unfiltered of the cheapest and of the
+    median runs, by server CPU per frame as measured ("gross") and without the inserts'
+    own CPU ("net": the median CPU per event of the runs without subscribers, times the
+    run's events, taken out). The inserts cost the same in both runs but are spread over a
+    tenth as many frames when filtered; net compares the delivery alone."""
+    per_event = median(row["server_cpu_s"] / max(row["events"], 1) for row in runs["alone"])
+    for row in runs["unfiltered"] + runs["filtered"]:
+        net = row["server_cpu_s"] - per_event * row["events"]
+        row["net_us_per_frame"] = round(1e6 * net / row["deliveries"], 2) \
+            if row["deliveries"] else None
+    out: dict = {"filters": [list(patterns) for patterns in FILTERS],
+                 "names": len(FILTER_NAMES), "runs": runs,
+                 "insert_us": round(per_event * 1e6, 1)}
+    for metric, prefix in (("us_per_frame", ""), ("net_us_per_frame", "net_")):
+        costs = {mode: [row[metric] for row in runs[mode] if row[metric]]
+                 for mode in ("unfiltered", "filtered")}
+        both = costs["filtered"] and costs["unfiltered"]
+        for mode, values in costs.items():
+            out[f"{prefix}{mode}_us"] = min(values) if values else None
+        out[f"{prefix}filtered_vs_unfiltered"] = round(
+            min(costs["filtered"]) / min(costs["unfiltered"]), 3) if both else None
+        out[f"{prefix}median_filtered_vs_unfiltered"] = round(
+            median(costs["filtered"]) / median(costs["unfiltered"]), 3) if both else None
+    for mode in ("unfiltered", "filtered"):
+        out[f"{mode}_frames_per_read"] = median(row["frames_per_read"] for row in runs[mode])
+    return out
 
 
 def inserts(server: Server, publishers: int, auth: str, settings: Settings) -> dict:
@@ -438,14 +633,17 @@ def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
                     f"subscriber cpu {row['subscriber_cpu_pct']}%")
                 time.sleep(1)
         if "latency" in wanted:
-            events = int(settings.latency_rate * settings.latency_seconds)
-            log(f"{name}: {settings.latency_rate:.0f} events/s to "
-                f"{settings.latency_subscribers} subscribers")
-            row = fanout(server, settings.latency_subscribers, events, settings.latency_rate,
-                         settings)
-            results["latency"][name] = row
-            log(f"  p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}")
-            time.sleep(1)
+            publishers = settings.latency_publishers or settings.fanout_publishers
+            for rate in settings.latency_rates:
+                log(f"{name}: {rate:g} events/s to {settings.latency_subscribers} subscribers, "
+                    f"{publishers} publisher connections")
+                row = fanout(server, settings.latency_subscribers,
+                             int(rate * settings.latency_seconds), rate, settings,
+                             publishers=publishers)
+                results["latency"].setdefault(f"{rate:g}", {})[name] = row
+                log(f"  p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                    f"published {row['published_per_s']}/s, lost {row['lost']}")
+                time.sleep(1)
         if "steady" in wanted:
             log(f"{name}: {settings.steady_rate:.0f} events/s to {settings.steady_subscribers:,} "
                 f"subscribers, {settings.steady_request_rate:.0f} other requests/s")
@@ -483,12 +681,16 @@ def run_server(name: str, factory: Callable[[], Server], scenarios: list[str],
 
 def run_memory(name: str, factory: Callable[[], Server], settings: Settings,
                results: dict) -> None:
+    with_filters = settings.memory_filtered and name.startswith("broker")
     for size in settings.memory_sizes:
-        log(f"{name}: memory with {size} idle streams (fresh process)")
-        row = memory(factory, size, settings)
-        results["memory"].setdefault(str(size), {})[name] = row
-        log(f"  {row['kib_per_stream']} KiB per stream, failed {row['failed']}, "
-            f"event delivered to {row['event_delivered_to']}")
+        for filtered in (False, True) if with_filters else (False,):
+            kind = f"filtered ({len(FILTERS)} filters) " if filtered else ""
+            log(f"{name}: memory with {size} idle {kind}streams (fresh process)")
+            row = memory(factory, size, settings, filtered)
+            results["memory"].setdefault(f"{size} filtered" if filtered else str(size),
+                                         {})[name] = row
+            log(f"  {row['kib_per_stream']} KiB per stream, failed {row['failed']}, "
+                f"delivered {row['event_delivered_to']} (expected {row['expected_deliveries']})")
 
 
 def scopes(factory: Callable[[], Server], settings: Settings,
@@ -583,14 +785,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="broker benchmark (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="short smoke run with small sizes")
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
-                        help="comma-separated, from: " + ", ".join(ALL_SERVERS + PG_SERVERS))
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, from: "
+                             + ", ".join([*ALL_SERVERS, *PG_SERVERS, BASE_SERVER]))
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                         help="comma-separated, from: " + ", ".join(SCENARIOS))
     parser.add_argument("--fanout-sizes", help="subscriber counts, e.g. 100,1000,5000")
     parser.add_argument("--memory-sizes", help="idle stream counts, e.g. 5000,10000")
     parser.add_argument("--sub-procs", type=int, help="subscriber processes (default 2)")
     parser.add_argument("--publishers", type=int,
                         help="concurrent publisher connections in fan-out (default 16)")
+    parser.add_argument("--latency-rates",
+                        help="events/s of the latency scenario, one row each (default 200)")
+    parser.add_argument("--latency-publishers", type=int,
+                        help="publisher connections in the latency scenario (default: as "
+                             "--publishers)")
+    parser.add_argument("--filter-rates",
+                        help="events/s of the filters scenario, 0 = the publishers' flood "
+                             "(default 50,0)")
+    parser.add_argument("--filter-rounds", type=int,
+                        help="fresh servers unfiltered then filtered, per rate (default 3)")
+    parser.add_argument("--memory-filtered", action="store_true",
+                        help="memory: also idle broker streams opened with 10 filters")
+    parser.add_argument("--base-ref", metavar="REF",
+                        help="git ref of this repository that broker-base runs (exported to "
+                             "a temporary directory)")
+    parser.add_argument("--base-dir", metavar="DIR",
+                        help="checkout that broker-base runs (instead of --base-ref)")
     parser.add_argument("--nchan-workers", type=int, default=0,
                         help="nginx worker processes (default: auto, one per core)")
     parser.add_argument("--broker-args", default="",
@@ -617,6 +837,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         settings.sub_procs = args.sub_procs
     if args.publishers:
         settings.fanout_publishers = args.publishers
+    if args.latency_rates:
+        settings.latency_rates = [float(x) for x in args.latency_rates.split(",")]
+    if args.latency_publishers:
+        settings.latency_publishers = args.latency_publishers
+    if args.filter_rates:
+        settings.filter_rates = [float(x) for x in args.filter_rates.split(",")]
+    if args.filter_rounds:
+        settings.filter_rounds = args.filter_rounds
+    settings.memory_filtered = args.memory_filtered
     return settings
 
 
@@ -627,9 +856,20 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    names = [s for s in args.servers.split(",") if s]
+    if BASE_SERVER in names and not (args.base_ref or args.base_dir):
+        sys.exit(f"{BASE_SERVER} needs --base-ref REF or --base-dir DIR")
     loadgen.raise_fd_limit()
-    factories = server_factories([s for s in args.servers.split(",") if s], args.nchan_workers,
-                                 shlex.split(args.broker_args))
+    with base_checkout(args.base_ref, args.base_dir) as base:
+        factories = server_factories(names, args.nchan_workers, shlex.split(args.broker_args),
+                                     base.get("dir"))
+        results = measure(args, settings, scenarios, factories)
+        results["base"] = {"commit": base.get("commit"), "describe": base.get("describe")}
+    write(results, args, scenarios)
+
+
+def measure(args: argparse.Namespace, settings: Settings, scenarios: list[str],
+            factories: dict[str, Callable[[], Server]]) -> dict:
     machine_info = machine()
     results: dict = {"machine": machine_info, "settings": asdict(settings), "quick": args.quick,
                      "broker_args": args.broker_args,
@@ -649,8 +889,22 @@ def main(argv: list[str] | None = None) -> None:
             row = results["scopes"][name]
             log(f"  on ÷ off: {row['on_vs_off']:.2f} (best runs), "
                 f"{row['median_on_vs_off']:.2f} (median runs)")
+        if "filters" in scenarios and name.startswith("broker"):
+            log(f"{name}: {settings.filter_subscribers} subscribers in {len(FILTERS)} stream "
+                f"filters vs unfiltered, events over {len(FILTER_NAMES)} names")
+            results["filters"][name] = filters(factory, settings, args.py_spy)
+            for regime, row in results["filters"][name].items():
+                log(f"  {regime}: filtered ÷ unfiltered CPU per frame "
+                    f"{row['filtered_vs_unfiltered']} (cheapest runs), "
+                    f"{row['median_filtered_vs_unfiltered']} (median runs); without the "
+                    f"inserts' own CPU {row['net_filtered_vs_unfiltered']}, "
+                    f"{row['net_median_filtered_vs_unfiltered']}")
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started)
+    return results
+
+
+def write(results: dict, args: argparse.Namespace, scenarios: list[str]) -> None:
     if args.merge:
         merge_previous(results, scenarios, Path(args.out) / "results.json")
     import report  # matplotlib is imported only now, after the measurements

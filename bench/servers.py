@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loadgen import Channel, basic_header
@@ -94,6 +94,7 @@ class Server:
 
     name = "server"
     durable = False  # True when /insert answers only after the event is on disk
+    code_dir = ROOT  # the working directory of the server process (broker: its code)
 
     def __init__(self) -> None:
         self.port = 0
@@ -123,7 +124,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         try:
             # The descriptor limit is inherited: run.py raised its soft limit to the hard one.
-            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env,
+            self.proc = subprocess.Popen(self.command(), cwd=self.code_dir, env=env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, text=True)
         except (OSError, ValueError, KeyError):
@@ -205,9 +206,12 @@ class Broker(Server):
     password = "bench password 1"
 
     def __init__(self, name: str = "broker", loop: str = "uvloop",
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, code_dir: Path = ROOT) -> None:
         self.name = name
         self.loop_name = loop
+        # `import broker` finds the modules of the working directory first (sys.path[0] of
+        # `python -c` is ''): another checkout runs that checkout's code (broker-base).
+        self.code_dir = code_dir
         self.extra_args = extra_args or []
         self.admin_token = secrets.token_hex(16)
         self.tenants = 0
@@ -264,7 +268,6 @@ class Broker(Server):
         bearer = ("Authorization", f"Bearer {jwt}")
         pub = basic_header(username, self.password) if auth == "basic" else bearer
         return Channel(HOST, self.port, "/sse", (bearer,), "/insert", (pub,), True)
-
 
     def scoped_channels(self, groups: list[list[str]]) -> tuple[Channel, tuple[Channel, ...]]:
         """One fresh tenant with a publisher that may post every event, and one subscriber
@@ -401,20 +404,25 @@ def nginx_version() -> str:
 
 ALL_SERVERS = ["broker", "broker-asyncio", "starlette", "nchan"]
 PG_SERVERS = ["broker-pg", "broker-pg2"]  # on request only (--servers): docs/scaling.md
+BASE_SERVER = "broker-base"  # on request only, with --base-ref or --base-dir
 
 
 def server_factories(names: list[str], nchan_workers: int = 0,
-                     broker_args: list[str] | None = None) -> dict[str, Callable[[], Server]]:
+                     broker_args: list[str] | None = None,
+                     base_dir: Path | None = None) -> dict[str, Callable[[], Server]]:
     """Name -> factory of a fresh (not started) server, skipping what is not installed.
 
     "broker" runs on uvloop when it is installed (what `pip install broker[fast]` gives),
     "broker-asyncio" on the standard loop; without uvloop only "broker" (on asyncio) remains.
     "broker-pg" is one broker process on PostgreSQL, "broker-pg2" two processes on one port
-    and one database (when PostgreSQL and asyncpg are installed).
+    and one database (when PostgreSQL and asyncpg are installed). "broker-base" is broker
+    run from the checkout `base_dir` on the same loop as "broker": older code, same run.
     """
     fast = uvloop_installed()
     kinds: dict[str, Callable[[], Server]] = {
         "broker": lambda: Broker("broker", "uvloop" if fast else "asyncio", broker_args),
+        BASE_SERVER: lambda: Broker(BASE_SERVER, "uvloop" if fast else "asyncio", broker_args,
+                                    base_dir or ROOT),
         "broker-asyncio": lambda: Broker("broker-asyncio", "asyncio", broker_args),
         "broker-pg": lambda: BrokerPg("broker-pg", "uvloop" if fast else "asyncio", broker_args),
         "broker-pg2": lambda: BrokerPg("broker-pg2", "uvloop" if fast else "asyncio",
@@ -422,6 +430,45 @@ def server_factories(names: list[str], nchan_workers: int = 0,
         "starlette": StarlettePeer,
         "nchan": lambda: Nchan(nchan_workers),
     }
-    available = {"broker-asyncio": fast, "nchan": Nchan.available(),
+    available = {"broker-asyncio": fast, "nchan": Nchan.available(), BASE_SERVER: bool(base_dir),
                  "broker-pg": BrokerPg.available(), "broker-pg2": BrokerPg.available()}
     return {name: kinds[name] for name in names if available.get(name, True)}
+
+
+@contextlib.contextmanager
+def base_checkout(ref: str | None, directory: str | None) -> Iterator[dict]:
+    """The code broker-base runs: an existing checkout (`directory`), or the tree of git `ref`
+    of this repository exported into a temporary directory under $TMPDIR and removed at the
+    end. `git archive` rather than `git worktree add`: nothing is registered in the shared
+    repository, so a run that is killed leaves nothing to prune. Yields {"dir", "commit",
+    "describe"}; {} when neither is given."""
+    if directory:
+        path = Path(directory).resolve()
+        if not (path / "broker.py").exists():
+            raise SystemExit(f"--base-dir {path}: no broker.py there")
+        yield {"dir": path, "commit": git(path, "rev-parse", "HEAD"),
+               "describe": f"{path} ({git(path, 'describe', '--always', '--dirty')})"}
+        return
+    if not ref:
+        yield {}
+        return
+    commit = git(ROOT, "rev-parse", "--verify", f"{ref}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"--base-ref {ref}: not a commit of {ROOT}")
+    path = Path(tempfile.mkdtemp(prefix="bench-base-"))
+    try:
+        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", commit],
+                                   stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(path)], stdin=archive.stdout, check=True)
+        if archive.wait() != 0 or not (path / "broker.py").exists():
+            raise SystemExit(f"--base-ref {ref}: could not export its tree")
+        yield {"dir": path, "commit": commit, "describe": f"{ref} ({commit[:10]})"}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def git(directory: Path, *args: str) -> str:
+    """Output of a git command in `directory`; "" when it fails (not a checkout...)."""
+    done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                          check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""

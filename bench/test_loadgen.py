@@ -133,3 +133,54 @@ def test_resuming_stream_counts_each_id_once_and_spots_repeats(sizes):
         loop.close()
     assert stream.status == 200
     assert (stream.last, stream.count, stream.disorder) == (10, 7, 1)  # ids 4 to 10 counted
+
+
+def test_stream_filters_match_exact_names_and_prefixes() -> None:
+    from loadgen import expected_frames, matches
+
+    assert matches((), "anything")
+    assert matches(("f01", "f1*"), "f01") and matches(("f01", "f1*"), "f17")
+    assert not matches(("f01", "f1*"), "f011") and not matches(("f01", "f1*"), "f2")
+    assert matches(("*",), "x")
+    assert expected_frames(("f0*",), {"f00": 3, "f01": 4, "f10": 5}) == 7
+    assert expected_frames((), {"f00": 3, "f10": 5}) == 8
+
+
+def test_filters_scenario_gives_every_event_to_one_filter_of_two_names() -> None:
+    """Each of the 10 filters matches 2 of the 20 names and every name is matched once, so a
+    filtered run delivers a tenth of an unfiltered one's frames, spread evenly."""
+    from loadgen import PublishPlan, matches
+    from run import FILTER_NAMES, FILTERS, per_stream_expected, stream_channels
+
+    assert len(FILTERS) == 10 and len(set(FILTERS)) == 10
+    assert all(sum(matches(f, name) for name in FILTER_NAMES) == 2 for f in FILTERS)
+    assert all(sum(matches(f, name) for f in FILTERS) == 1 for name in FILTER_NAMES)
+    plan = PublishPlan(Channel("127.0.0.1", 1, "/sse"), 45, event_names=FILTER_NAMES)
+    sent = [plan.event(i) for i in range(45)]
+    pub = {"accepted": 45, "accepted_by_event": {n: sent.count(n) for n in FILTER_NAMES}}
+    assert per_stream_expected(False, pub) == [45]
+    assert per_stream_expected(True, pub) == [6, 6, 5, 4, 4, 4, 4, 4, 4, 4]  # f00-f04 thrice
+    paths = [c.sse_path for c in stream_channels(Channel("h", 1, "/sse"), True)]
+    assert paths[0] == "/sse?event=f00&event=f01" and paths[9] == "/sse?event=f18*&event=f19*"
+
+
+def test_subscriber_counts_per_channel_and_reads() -> None:
+    from loadgen import collect
+
+    loop = asyncio.new_event_loop()
+    try:
+        group = Group(channels=2)
+        for index, frames in enumerate([3, 1, 2]):
+            proto = SubscriberProtocol(group, loop.create_future(), False,
+                                       b"GET / HTTP/1.1\r\n\r\n")
+            proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+            proto.data_received(HEAD)
+            for frame in broker_frames(frames):
+                proto.data_received(chunked([frame]))
+            group.streams.append(proto)
+            group.channel_of.append(index % 2)
+        result = collect(group, "asyncio")
+    finally:
+        loop.close()
+    assert result["counts_by_channel"] == [[3, 2], [1]]
+    assert result["received"] == 6 and result["reads"] == 6
