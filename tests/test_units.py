@@ -339,11 +339,13 @@ def installed(sandbox_tools) -> Iterator[Path]:
     """broker installed by the README's recipe, into a scratch directory for /opt/broker."""
     prefix = Path(tempfile.mkdtemp(prefix="broker-opt-"))
     prefix.chmod(0o755)
-    commands = install_commands(ROOT / "README.md", "## Running in production")
-    assert len(commands) >= 2, commands
-    run_as_written(commands, prefix)
-    yield prefix
-    shutil.rmtree(prefix, ignore_errors=True)
+    try:
+        commands = install_commands(ROOT / "README.md", "## Running in production")
+        assert len(commands) >= 2, commands
+        run_as_written(commands, prefix)
+        yield prefix
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 def test_the_readme_recipe_installs_a_broker_that_serves(installed: Path, state_root: Path):
@@ -467,8 +469,10 @@ def test_the_sandbox_is_the_units():
 def test_broker_survives_a_sandbox_that_refuses_its_nice_and_file_limit(installed, state_root):
     """Both are best effort: refused with EPERM, broker serves with what it has."""
     spec = sandbox_spec("broker.service")
-    del spec["syscalls"]["setpriority"], spec["syscalls"]["prlimit64"]
+    spec["syscalls"].pop("setpriority", None)
+    spec["syscalls"].pop("prlimit64")
     spec["refuse_new_limits"] = True
+    spec["default_errno"] = errno.EPERM
     spec["nofile"] = [1024, spec["nofile"][1]]  # systemd's default soft limit
     srv = start_unit("broker.service", installed, state_root, ENV_FILE, spec=spec)
     exercise(srv)
