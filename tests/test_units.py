@@ -230,6 +230,16 @@ def unit_process(unit: str, prefix: Path, state: Path, env_file: dict[str, str],
     return [SYSTEM_PYTHON, str(SANDBOX), json.dumps(spec), *command], env, cwd
 
 
+STARTED: list[Server] = []  # killed after each test, failed or not
+
+
+@pytest.fixture(autouse=True)
+def no_server_left() -> Iterator[None]:
+    yield
+    while STARTED:
+        STARTED.pop().kill()
+
+
 class CommandServer(Server):
     """A broker started by a given command line, environment and working directory (a unit's
     ExecStart= in the unit's sandbox, or the installed broker as is)."""
@@ -242,6 +252,7 @@ class CommandServer(Server):
         self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
+        STARTED.append(self)
         ready = threading.Event()
         threading.Thread(target=self._drain_log, args=(self.proc, ready), daemon=True).start()
         deadline = time.monotonic() + timeout
