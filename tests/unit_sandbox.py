@@ -20,6 +20,7 @@ architecture only and kill a call from any other. libseccomp sets no_new_privs b
 exec'd: the filters and the limits survive exec.
 """
 
+import errno
 import json
 import mmap
 import os
@@ -46,7 +47,7 @@ def add(sandbox, action, name, *args):
 def address_family_filter(families):
     """RestrictAddressFamilies=: socket() with another family fails with EAFNOSUPPORT."""
     sandbox = new_filter(seccomp.ALLOW)
-    refuse = seccomp.ERRNO(97)  # EAFNOSUPPORT
+    refuse = seccomp.ERRNO(errno.EAFNOSUPPORT)
     add(sandbox, refuse, "socket", seccomp.Arg(0, seccomp.GT, max(families)))
     for family in range(max(families)):
         if family not in families:
@@ -58,7 +59,7 @@ def memory_deny_write_execute_filter():
     """MemoryDenyWriteExecute=: no memory both writable and executable, and no memory made
     executable after the fact (systemd's seccomp rules, as on x86-64)."""
     sandbox = new_filter(seccomp.ALLOW)
-    refuse = seccomp.ERRNO(1)  # EPERM
+    refuse = seccomp.ERRNO(errno.EPERM)
     write_exec = mmap.PROT_WRITE | mmap.PROT_EXEC
     add(sandbox, refuse, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, write_exec, write_exec))
     for name in ("mprotect", "pkey_mprotect"):
@@ -70,8 +71,8 @@ def memory_deny_write_execute_filter():
 
 def syscall_filter(spec):
     """SystemCallFilter= and SystemCallErrorNumber=."""
-    errno = spec["default_errno"]
-    refuse = seccomp.KILL_PROCESS if errno is None else seccomp.ERRNO(errno)
+    error = spec["default_errno"]
+    refuse = seccomp.KILL_PROCESS if error is None else seccomp.ERRNO(error)
     listed = seccomp.ALLOW if spec["allow_list"] else refuse
     sandbox = new_filter(refuse if spec["allow_list"] else seccomp.ALLOW)
     for name, number in spec["syscalls"].items():
