@@ -2024,11 +2024,15 @@ async def shutdown(app: App, server: asyncio.Server, grace: float = 3.0) -> None
 
 
 def raise_open_file_limit(wanted: int) -> None:
-    """Each connection is a file descriptor; many systems start processes at 1,024."""
+    """Each connection is a file descriptor; many systems start processes at 1,024. Best
+    effort: a sandbox may refuse the change, and broker then serves with the limit it has."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):  # Python reports EPERM as ValueError here
+            target = soft
         if target < wanted:
             log.warning("only %d open files allowed; --max_connections %d will not fit",
                         target, wanted - 64)

@@ -6,6 +6,9 @@
 #   tests/test_postgres.py    Debian's postgresql (the tests run their own throwaway cluster;
 #                             the package's own cluster is not used), and the API and
 #                             stream tests on PostgreSQL
+#   tests/test_units.py       systemd-analyze; python3-seccomp for /usr/bin/python3 (the
+#                             units' system call filters); python3-venv (the README's
+#                             install recipe makes a venv with the system's python3)
 # Sourced by .ci/run after the venv is activated. Idempotent and quick when everything is there.
 # A failed step only warns: the tests it serves then skip and say why (with CI=true a skip
 # fails the run: see tests/conftest.py).
@@ -18,6 +21,8 @@ _deps_apt() {
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     command -v caddy >/dev/null 2>&1 || missing+=(caddy)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    /usr/bin/python3 -c 'import seccomp' 2>/dev/null || missing+=(python3-seccomp)
+    /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
