@@ -99,7 +99,9 @@ class Tab:
 
 
 def open_tab(context, site: str, server: Server, username: str, password: str,
-             room: str = "") -> Tab:
+             room: str | None = "", page_query: str = "") -> Tab:
+    """A tab logged in on the example page; `room` is typed into the room field, unless it
+    is None (then the field keeps what the page filled in from `page_query`)."""
     tab = Tab(context.new_page())
     cdp = context.new_cdp_session(tab.page)
     cdp.send("Network.enable")
@@ -107,10 +109,11 @@ def open_tab(context, site: str, server: Server, username: str, password: str,
     # The headers as sent on the wire (Last-Event-ID is only in this "extra info" event).
     cdp.on("Network.requestWillBeSentExtraInfo", lambda msg: _note_stream_request(tab, msg))
     tab.page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    tab.page.goto(f"{site}/?api=http://127.0.0.1:{server.port}")
+    tab.page.goto(f"{site}/?api=http://127.0.0.1:{server.port}{page_query}")
     tab.page.fill("#login [name=username]", username)
     tab.page.fill("#login [name=password]", password)
-    tab.page.fill("#login [name=room]", room)
+    if room is not None:
+        tab.page.fill("#login [name=room]", room)
     tab.page.click("#login button")
     tab.wait_for_state("live", timeout=5)
     return tab
@@ -211,7 +214,8 @@ def test_a_room_page_receives_only_its_rooms_messages(browser, site, server):
         assert server.insert(frank, event, {"from": "frank", "text": text}).status == 200
     context = browser.new_context()
     dora = open_tab(context, site, server, "dora", "password-dora", room="lobby")
-    eve = open_tab(context, site, server, "eve", "password-eve", room="kitchen")
+    # Eve's room comes from the page's URL (?room=), as a shared link would give it.
+    eve = open_tab(context, site, server, "eve", "password-eve", None, "&room=kitchen")
     dora.wait_for_text("lobby history 2", timeout=5)
     eve.wait_for_text("kitchen history", timeout=5)
 
