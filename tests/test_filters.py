@@ -111,6 +111,7 @@ def read_frames(stream: SSE, count: int, quiet: float) -> list[tuple[int, str]]:
             frame = stream.next(5.0 if len(frames) < count else quiet)
         except (TimeoutError, ConnectionError):
             break
+        assert frame.id is not None and frame.event is not None, frame.raw
         assert frame.json()["name"] == frame.event, frame.raw  # the data of that very event
         frames.append((frame.id, frame.event))
     return frames
