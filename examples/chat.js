@@ -5,13 +5,21 @@
 // then sends new messages live. When the connection drops (a server restart, a network blip),
 // EventSource reconnects by itself and sends the Last-Event-ID header with the id of the last
 // message it saw, so the server sends only what was missed.
+//
+// Rooms (optional): logged in with a room, say "lobby", the page posts events named
+// "chat.lobby" and opens its stream with ?event=chat.lobby, so the server sends it that
+// room's messages only: its history, its missed messages on a reconnect (EventSource reuses
+// the URL, filter included) and its live ones. Without a room the page is the shared room of
+// before: events named "chat" on an unfiltered stream.
 
 // Where the API lives: ?api=http://host:port, by default a broker on this machine's port 8080.
-const API = new URLSearchParams(location.search).get('api') || 'http://127.0.0.1:8080';
+// ?room=NAME fills in the room field.
+const PARAMS = new URLSearchParams(location.search);
+const API = PARAMS.get('api') || 'http://127.0.0.1:8080';
 
 const $ = (selector) => document.querySelector(selector);
 const seen = new Set(); // ids already shown, so a message is never shown twice
-let session = null; // {username, jwt} once logged in
+let session = null; // {username, jwt, room, event} once logged in
 let stream = null; // the EventSource
 
 function setStatus(state, text) {
@@ -51,10 +59,12 @@ function addMessage(id, message) {
 
 function connect() {
   // EventSource cannot send an Authorization header, so the JWT goes in the query string.
-  const url = `${API}/sse?access_token=${encodeURIComponent(session.jwt)}&last_event_id=0`;
-  stream = new EventSource(url);
-  stream.onopen = () => setStatus('live', `Live as ${session.username}. API: ${API}`);
-  stream.addEventListener('chat', (event) => {
+  const query = new URLSearchParams({ access_token: session.jwt, last_event_id: '0' });
+  if (session.room) query.append('event', session.event); // this room's messages only
+  stream = new EventSource(`${API}/sse?${query}`);
+  const where = session.room ? ` in room ${session.room}` : '';
+  stream.onopen = () => setStatus('live', `Live as ${session.username}${where}. API: ${API}`);
+  stream.addEventListener(session.event, (event) => {
     addMessage(Number(event.lastEventId), JSON.parse(event.data));
   });
   stream.onerror = () => {
@@ -75,8 +85,9 @@ $('#login').addEventListener('submit', async (event) => {
   try {
     const username = form.elements.username.value;
     const password = form.elements.password.value;
+    const room = form.elements.room.value; // checked by the field's pattern: \w{1,64}
     const { jwt } = await postJson('/login', { username, password });
-    session = { username, jwt };
+    session = { username, jwt, room, event: room ? `chat.${room}` : 'chat' };
     if (stream) stream.close();
     form.hidden = true;
     form.elements.password.value = '';
@@ -94,7 +105,8 @@ $('#send').addEventListener('submit', async (event) => {
   showError('');
   try {
     const data = { from: session.username, text: input.value };
-    await postJson('/insert', { event: 'chat', data }, { Authorization: `Bearer ${session.jwt}` });
+    const auth = { Authorization: `Bearer ${session.jwt}` };
+    await postJson('/insert', { event: session.event, data }, auth);
     input.value = ''; // the message itself appears when it comes back on the stream
   } catch (error) {
     showError(error.message);
@@ -102,3 +114,4 @@ $('#send').addEventListener('submit', async (event) => {
 });
 
 $('#api').textContent = API;
+$('#login').elements.room.value = PARAMS.get('room') || '';

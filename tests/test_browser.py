@@ -98,7 +98,10 @@ class Tab:
         self.page.wait_for_selector(f"#status[data-state={state}]", timeout=timeout * 1000)
 
 
-def open_tab(context, site: str, server: Server, username: str, password: str) -> Tab:
+def open_tab(context, site: str, server: Server, username: str, password: str,
+             room: str | None = "", page_query: str = "") -> Tab:
+    """A tab logged in on the example page; `room` is typed into the room field, unless it
+    is None (then the field keeps what the page filled in from `page_query`)."""
     tab = Tab(context.new_page())
     cdp = context.new_cdp_session(tab.page)
     cdp.send("Network.enable")
@@ -106,9 +109,11 @@ def open_tab(context, site: str, server: Server, username: str, password: str) -
     # The headers as sent on the wire (Last-Event-ID is only in this "extra info" event).
     cdp.on("Network.requestWillBeSentExtraInfo", lambda msg: _note_stream_request(tab, msg))
     tab.page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    tab.page.goto(f"{site}/?api=http://127.0.0.1:{server.port}")
+    tab.page.goto(f"{site}/?api=http://127.0.0.1:{server.port}{page_query}")
     tab.page.fill("#login [name=username]", username)
     tab.page.fill("#login [name=password]", password)
+    if room is not None:
+        tab.page.fill("#login [name=room]", room)
     tab.page.click("#login button")
     tab.wait_for_state("live", timeout=5)
     return tab
@@ -125,8 +130,13 @@ def _note_stream_request(tab: Tab, msg: dict) -> None:
         tab.stream_requests.append(headers)
 
 
-def check_list(tab: Tab, expected_texts: list[str]) -> None:
-    """The tab shows exactly these messages, in id order, and was sent none twice."""
+def check_list(tab: Tab, expected_texts: list[str], event: str = "chat") -> None:
+    """The tab shows exactly these messages, in id order, and was sent none twice; every
+    message the server sent it was an `event` (a room page's filter excludes the others)."""
+    # Every stream began with a retry field and heartbeats may have come: neither may
+    # have dispatched a message.
+    others = [(name, ident) for name, ident in tab.dispatched if name != event or not ident]
+    assert others == [], f"the server sent {len(others)} message(s) other than {event}: {others}"
     shown = tab.messages()
     assert [text for _, _, text in shown] == expected_texts
     ids = [ident for ident, _, _ in shown]
@@ -134,9 +144,6 @@ def check_list(tab: Tab, expected_texts: list[str]) -> None:
     assert len(set(tab.received_ids)) == len(tab.received_ids), \
         f"the server sent an event twice: {tab.received_ids}"
     assert sorted(tab.received_ids) == ids, (tab.received_ids, ids)
-    # Every stream began with a retry field and heartbeats may have come: neither may
-    # have dispatched a message.
-    assert all(name == "chat" and ident for name, ident in tab.dispatched), tab.dispatched
     assert tab.errors == []
 
 
@@ -189,6 +196,48 @@ def test_two_tabs_chat_live_and_catch_up_after_restart(browser, site, server):
     newcomer = open_tab(context, site, server, "carol", "correct horse 1")
     newcomer.wait_for_text("back again", timeout=2)
     check_list(newcomer, expected)
+    context.close()
+
+
+def test_a_room_page_receives_only_its_rooms_messages(browser, site, server):
+    # A page logged in with a room posts `chat.<room>` events and subscribes with
+    # ?event=chat.<room>: the server sends it that room's history and live messages, and
+    # nothing of the other rooms or of the room-less page's "chat" events. What the server
+    # sent is what DevTools saw arrive, whether or not the page listens for it.
+    for name in ("dora", "eve"):
+        assert server.create_user(name, f"password-{name}", tenant="rooms").status == 200
+    frank = server.user("frank", tenant="rooms")  # the test's own writer, over plain HTTP
+    history = [("chat.lobby", "lobby history"), ("chat.kitchen", "kitchen history"),
+               ("chat", "room-less history"), ("chat.lobbyist", "another room"),
+               ("chat.lobby", "lobby history 2")]
+    for event, text in history:
+        assert server.insert(frank, event, {"from": "frank", "text": text}).status == 200
+    context = browser.new_context()
+    dora = open_tab(context, site, server, "dora", "password-dora", room="lobby")
+    # Eve's room comes from the page's URL (?room=), as a shared link would give it.
+    eve = open_tab(context, site, server, "eve", "password-eve", None, "&room=kitchen")
+    dora.wait_for_text("lobby history 2", timeout=5)
+    eve.wait_for_text("kitchen history", timeout=5)
+
+    dora.send("hello lobby")
+    dora.wait_for_text("hello lobby", timeout=2)
+    eve.send("hello kitchen")
+    eve.wait_for_text("hello kitchen", timeout=2)
+    for event, text in [("chat", "room-less live"), ("chat.kitchen", "kitchen live"),
+                        ("chat.lobby.sub", "a sub-room"), ("chat.lobby", "lobby end"),
+                        ("chat.kitchen", "kitchen end")]:
+        assert server.insert(frank, event, {"from": "frank", "text": text}).status == 200
+    # Each stream is in id order: once its last message is shown, anything else sent
+    # before it has arrived too.
+    dora.wait_for_text("lobby end", timeout=2)
+    eve.wait_for_text("kitchen end", timeout=2)
+    check_list(dora, ["lobby history", "lobby history 2", "hello lobby", "lobby end"],
+               event="chat.lobby")
+    check_list(eve, ["kitchen history", "hello kitchen", "kitchen live", "kitchen end"],
+               event="chat.kitchen")
+    for tab, room in ((dora, "lobby"), (eve, "kitchen")):
+        assert tab.page.get_attribute("#status", "data-state") == "live"
+        assert f"in room {room}" in tab.page.text_content("#status")
     context.close()
 
 

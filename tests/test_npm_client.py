@@ -79,9 +79,10 @@ def run_driver(bundle: Path, *args: str) -> dict:
 class NodeSubscriber:
     """A broker-client subscription in a Node process; each callback it reports is a dict."""
 
-    def __init__(self, bundle: Path, server: Server, authorization: str, events: list[str]):
+    def __init__(self, bundle: Path, server: Server, authorization: str, events: list[str],
+                 path: str = "/sse"):
         self.proc = subprocess.Popen(
-            [NODE, str(bundle), "subscribe", base_url(server), authorization, *events],
+            [NODE, str(bundle), "subscribe", base_url(server) + path, authorization, *events],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.calls: queue.Queue[dict] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -143,8 +144,8 @@ def subscribers():
     started: list[NodeSubscriber] = []
 
     def subscribe(bundle: Path, server: Server, authorization: str,
-                  events: list[str]) -> NodeSubscriber:
-        sub = NodeSubscriber(bundle, server, authorization, events)
+                  events: list[str], path: str = "/sse") -> NodeSubscriber:
+        sub = NodeSubscriber(bundle, server, authorization, events, path)
         started.append(sub)
         return sub
 
@@ -245,6 +246,36 @@ def test_non_ascii_data_survives_broker_client(bundle, server, subscribers):
     check_delivered(sub.listener_calls(1)[0], first, "text", "start")
     inserted = server.insert(auth, "text", text).json()
     check_delivered(sub.listener_calls(1)[0], inserted, "text", text)
+
+
+def test_a_filtered_url_delivers_only_the_matching_events(bundle, server, subscribers):
+    # broker-client takes a URL and headers: the filter (issue 20) is part of the URL.
+    # Listeners for every name are registered, so an event the filter lets through wrongly
+    # would be reported; onmessage would see it too.
+    auth = bearer(node_user(bundle, server, "ada"))
+    names = ["chat.room1", "chat.room2", "chatroom", "news", "chat.room1.thread"]
+    synced = {name: server.insert(auth, name, {"old": name}).json() for name in names}
+    sub = subscribers(bundle, server, auth["Authorization"], names,
+                      path="/sse?event=chat.room1&event=news")
+    first = sub.listener_calls(2)
+    types = [call["type"] for call in first]
+    assert types == ["chat.room1", "news"], f"the sync holds events the filter excludes: {types}"
+    check_delivered(first[0], synced["chat.room1"], "chat.room1", {"old": "chat.room1"})
+    check_delivered(first[1], synced["news"], "news", {"old": "news"})
+
+    sent = []
+    for n in range(12):
+        event = names[n % len(names)]
+        data = {"n": n}
+        sent.append((server.insert(auth, event, data).json(), event, data))
+    wanted = [entry for entry in sent if entry[1] in ("chat.room1", "news")]
+    live = sub.listener_calls(len(wanted))
+    types = [call["type"] for call in live]
+    assert types == [event for _, event, _ in wanted], f"live, excluded events came: {types}"
+    for call, (inserted, event, data) in zip(live, wanted, strict=True):
+        check_delivered(call, inserted, event, data)
+    later = [c for c in sub.calls_within(0.3) if c["via"] == "listener"]
+    assert later == [], f"events the filter excludes: {later}"
 
 
 def test_heartbeat_triggers_no_listener(bundle, make_server, subscribers):

@@ -12,8 +12,10 @@
 // Usage (every command prints JSON lines on stdout):
 //   node build/driver.mjs create_user BASE '{"username": ..., ...}'  -> {"status", "body"}
 //   node build/driver.mjs login BASE USERNAME PASSWORD               -> {"status", "body"}
-//   node build/driver.mjs subscribe BASE AUTHORIZATION EVENT...      -> one line per callback
-// `subscribe` registers a listener for each EVENT name and `onmessage`, and prints a line for
+//   node build/driver.mjs subscribe URL AUTHORIZATION EVENT...       -> one line per callback
+// `subscribe` opens the stream at URL (BASE/sse, with any query such as ?event=chat.*: a
+// filter is part of the URL broker-client is given) with the Authorization header,
+// registers a listener for each EVENT name and `onmessage`, and prints a line for
 // every call of either ({"via": "listener"|"onmessage", "type", "data", "lastEventId"}). It runs
 // until its stdin closes, then closes the stream and exits.
 import BrokerClient from 'broker-client';
@@ -47,9 +49,9 @@ function record(via, messageEvent) {
   });
 }
 
-function subscribe(base, authorization, eventNames) {
+function subscribe(url, authorization, eventNames) {
   // This is the call shown in broker-client's README: the auth header goes in fetch's init.
-  const client = new BrokerClient(base + '/sse', { headers: { authorization } });
+  const client = new BrokerClient(url, { headers: { authorization } });
   let opened = false;
   client.onopen = () => {
     // broker-client calls onopen on every chunk it reads; report only the first.
