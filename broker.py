@@ -152,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--origin must not contain control characters")
     if config.fanout_slice < 1:
         parser.error("--fanout_slice must be at least 1")
+    # An empty token is what `$(openssl rand ...)` gives when openssl is missing.
+    if not config.admin_token.strip():
+        parser.error("the admin token (--admin_token, BROKER_ADMIN_TOKEN) must not be empty")
     return config
 
 
