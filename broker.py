@@ -1691,7 +1691,9 @@ class Connection(asyncio.Protocol):
             return False
         self.http.receive_data(b"")
         self.process()
-        return True  # keep our side open to answer a request that ended with the EOF
+        # Keep our side open to answer a request that ended with the EOF; TLS has no half
+        # close (and asyncio warns, once per connection, at a True).
+        return self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
