@@ -1717,6 +1717,9 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.http is not None and self.request is None:  # between requests: read on
+            self.transport.resume_reading()
+            self.process()
         if self.drain_waiter and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
@@ -1732,7 +1735,9 @@ class Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         self.timer = None
-        if self.reading:
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # a client that does not read: close() would wait for it
+        elif self.reading:
             self.reject(408, "request not received in time")
         else:
             self.transport.close()  # an idle keep-alive connection
@@ -1881,8 +1886,9 @@ class Connection(asyncio.Protocol):
         self.reading = bool(self.http.trailing_data[0])
         self.arm_timer(self.app.config.request_timeout if self.reading
                        else self.app.config.idle_timeout)
-        self.transport.resume_reading()
-        self.process()
+        if not self.write_paused:  # else resume_writing goes on: answers wait for the client
+            self.transport.resume_reading()
+            self.process()
 
     def reject(self, status: int, message: str,
                headers: list[tuple[str, str]] | None = None) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from api_support import assert_error, min_time, unique
@@ -568,3 +570,73 @@ def check_slowloris_cut_off(loris: Slowloris, request_timeout: float) -> None:
     assert timed_out == loris.count, f"only {timed_out} of {loris.count} got a 408"
     latest = max(loris.answered.values()) - loris.started
     assert latest < request_timeout + 2, f"the last 408 came after {latest:.1f}s"
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelined requests from a client that never reads (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def metric_value(srv: Server, name: str) -> float:
+    """One value of /metrics (broker_open_connections counts the connection that asks)."""
+    resp = srv.get("/metrics", headers={"Authorization": f"Bearer {srv.admin_token}"})
+    match = re.search(rf"^{name} (\S+)$".encode(), resp.body, re.MULTILINE)
+    assert match, resp.body[:300]
+    return float(match.group(1))
+
+
+def rss_mib(srv: Server) -> float:
+    """The server process's resident memory."""
+    assert srv.proc is not None
+    with open(f"/proc/{srv.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_ignoring_resets(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # cut off by the server: what this test wants
+        pass
+
+
+def last_logged(srv: Server, needle: str) -> float:
+    """The time (from the log line's own stamp) of the last log line holding `needle`."""
+    line = [line for line in srv.log_lines if needle in line][-1]
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_pipelined_requests_never_read_are_bounded_and_cut_off(make_server) -> None:
+    """50,000 pipelined requests from a client that reads nothing: once its unread answers
+    pass --max_buffer, no more of its requests are read, and at its timeout it is cut off
+    (a graceful close would wait for the client forever). Others are served meanwhile.
+    The memory it holds is about --max_buffer (on uvloop, which keeps each small write as
+    its own object, several times that: 7 MiB at the default 1 MiB), however many it sends."""
+    srv = make_server("--request_timeout", "1", "--idle_timeout", "1", "--max_buffer", "262144")
+    for _ in range(50):  # warm up: the memory of serving requests at all
+        assert srv.get("/").status == 200
+    before = peak = rss_mib(srv)
+    sock = connect(srv.port, timeout=30)
+    sender = threading.Thread(target=send_ignoring_resets,
+                              args=(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 50_000))
+    started = time.monotonic()
+    sender.start()
+    try:
+        while metric_value(srv, "broker_open_connections") > 1:  # the others are served meanwhile
+            peak = max(peak, rss_mib(srv))
+            assert time.monotonic() - started < 30, "the connection that never reads is open"
+            time.sleep(0.1)
+        gone = time.time()
+        sender.join(10)
+        assert not sender.is_alive()
+    finally:
+        sock.close()
+    served = sum(" GET / 200 " in line for line in srv.log_lines) - 50
+    print(f"\nunread pipelining: {served} answered, RSS {before:.1f} -> peak {peak:.1f} MiB, "
+          f"cut off {gone - last_logged(srv, ' GET / 200 '):.1f}s after the last answer")
+    assert served < 50_000, "every request was answered: the reading never stopped"
+    assert peak - before < 4, f"RSS grew from {before:.1f} to {peak:.1f} MiB"
+    assert gone - last_logged(srv, " GET / 200 ") < 1 + 1.5
+    assert srv.get("/").status == 200
