@@ -967,9 +967,13 @@ def readable_frames(reads: EventNames, batch: list[Event], frames: list[bytes],
 
 
 class Throttle:
-    """Counts failures per key in a one-minute window; over the limit, answer 429."""
+    """Counts failures per key in a one-minute window; over the limit, answer 429. The keys
+    come from clients (usernames, addresses): at most MAX_KEYS are kept, and over that the
+    one whose last failure is oldest goes. Filling it takes that many failed Argon2 checks,
+    or as many client addresses."""
 
     WINDOW = 60.0
+    MAX_KEYS = 10_000
 
     def __init__(self) -> None:
         self.failures: dict[str, tuple[int, float]] = {}
@@ -982,16 +986,18 @@ class Throttle:
                             [("retry-after", str(int(wait) + 1))])
 
     def fail(self, key: str) -> None:
-        count, since = self.failures.get(key, (0, 0.0))
+        # Popped and put back: the dict stays in the order of the last failure.
+        count, since = self.failures.pop(key, (0, 0.0))
         now = time.monotonic()
         if now - since > self.WINDOW:
             count, since = 0, now
+        if len(self.failures) >= self.MAX_KEYS:
+            del self.failures[next(iter(self.failures))]
         self.failures[key] = (count + 1, since)
 
     def forget_old(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, (_, since) in self.failures.items() if now - since > self.WINDOW]:
-            del self.failures[key]
+        cutoff = time.monotonic() - self.WINDOW
+        self.failures = {key: entry for key, entry in self.failures.items() if entry[1] >= cutoff}
 
 
 class Auth:
@@ -1074,6 +1080,9 @@ class Auth:
 
     async def check_password(self, username: str, password: str, client: str) -> User:
         """The user, if the password is right and the user not revoked; else 401 (or 429)."""
+        if not 1 <= len(username) <= 64 or len(password) > 1024:
+            # No user has such credentials (create_user's bounds): no throttle entry, no hash.
+            raise unauthorized("wrong username or password, or the user is revoked")
         limit = self.config.auth_failures
         self.throttle.check(f"user:{username}", limit)
         self.throttle.check(f"addr:{client}", limit * 3)
@@ -1175,19 +1184,16 @@ class Auth:
         return user
 
     async def _from_basic(self, credentials: str, client: str) -> User:
-        try:
+        try:  # the password may hold ':'
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            username, password = decoded.split(":", 1)
+        except ValueError:  # not base64 (binascii.Error), not UTF-8, or no colon
             raise unauthorized("malformed Basic credentials") from None
-        username, colon, password = decoded.partition(":")  # the password may hold ':'
-        if not colon:
-            raise unauthorized("malformed Basic credentials")
         user = await self.user(username)
         if user is None:
             return await self.check_password(username, password, client)  # a slow 401
         digest = self.basic_digest(user, password)
-        known = self.basic_verified.get(username)
-        if known is not None and hmac.compare_digest(known, digest):
+        if hmac.compare_digest(self.basic_verified.get(username, b""), digest):
             return user
         # Requests that bring the same new credentials at once (a client opening 64
         # connections) share one Argon2 verify instead of queueing one each.
@@ -1442,11 +1448,10 @@ class App:
 
     async def login(self, req: Request) -> Response:
         body = read_json(req)
-        username, password = body.get("username"), body.get("password")
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise HTTPError(400, "username and password are required strings")
-        if len(password) > 1024:
-            raise unauthorized("wrong username or password, or the user is revoked")
+        username = text_field(body, "username")  # 1-64 characters, as at create_user
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise HTTPError(400, "password is required and must be a string")
         user = await self.auth.check_password(username, password, req.client)
         return reply({"jwt": await self.auth.issue_jwt(user)})
 

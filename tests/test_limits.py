@@ -8,6 +8,7 @@ flags (1 s instead of 10 s / 60 s) so the suite stays fast; every wait is bounde
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -20,7 +21,7 @@ from datetime import datetime
 
 import pytest
 from api_support import assert_error, min_time, unique
-from conftest import Response, Server
+from conftest import Response, Server, basic
 
 PASSWORD = "correct horse 1"
 HEAD_LIMIT = 16 * 1024
@@ -640,3 +641,32 @@ def test_pipelined_requests_never_read_are_bounded_and_cut_off(make_server) -> N
     assert peak - before < 4, f"RSS grew from {before:.1f} to {peak:.1f} MiB"
     assert gone - last_logged(srv, " GET / 200 ") < 1 + 1.5
     assert srv.get("/").status == 200
+
+
+# ---------------------------------------------------------------------------------------
+# Login names: 1-64 characters, checked before any throttling or hashing (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def test_huge_login_names_are_refused_without_throttling_or_memory(make_server) -> None:
+    """40 logins with distinct 1 MB names and 20 Basic credentials with 8 KB names: each
+    refused at once, and none counts as a failed login. The observable: the client address
+    may fail only 3 x --auth_failures = 6 logins a minute, yet the real user still logs in
+    from it afterwards (a count per name or per address would have made that 429)."""
+    srv = make_server("--auth_failures", "2")
+    name = unique("real")
+    assert srv.create_user(name).status == 200
+    before = rss_mib(srv)
+    for i in range(40):
+        resp = srv.post("/login", {"username": f"{i}-" + "n" * 1_000_000, "password": PASSWORD})
+        assert_status(resp, 400)
+        assert "username" in resp.json()["error"]
+    for i in range(20):
+        huge = base64.b64encode(f"{i}-{'n' * 8000}:{PASSWORD}".encode()).decode()
+        assert srv.get("/verify", headers={"Authorization": f"Basic {huge}"}).status == 401
+    grew = rss_mib(srv) - before
+    print(f"\nhuge login names: RSS grew {grew:.1f} MiB")
+    assert grew < 8, f"RSS grew {grew:.1f} MiB"
+    assert_status(srv.post("/login", {"username": "a" * 65, "password": PASSWORD}), 400)
+    srv.login(name)  # 200, not 429
+    assert srv.get("/verify", headers=basic(name, PASSWORD)).status == 200
