@@ -1013,6 +1013,7 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
+        self.changes = 0  # account changes seen: a read of a user that one overtook is not kept
         self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
@@ -1036,20 +1037,39 @@ class Auth:
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
-        user = self.users.get(username)
-        if user is None:
+        """The cached user, else read from the store. A read that an account change
+        overtook is not kept but made again: a state read before a change never replaces
+        the changed one."""
+        while (user := self.users.get(username)) is None:
+            changes = self.changes
             user = await self.store.get_user(username)
-            if user is not None:
+            if user is None:
+                return None
+            if changes == self.changes:
                 self.users[username] = user
         return user
 
+    def current(self, user: User) -> User:
+        """The user as it is now, for a request to act on with no await in between: a
+        change that committed while its credentials were checked wins. 401 when the user
+        was revoked or its credentials were voided meanwhile (a new password: a new hash
+        and tokens_valid_after); else the current user, with its current tenant and scopes.
+        (A rehash for new Argon2 parameters at that very moment also answers 401, once.)"""
+        now = self.users.get(user.username)
+        if now is None or now.revoked or now.password_hash != user.password_hash \
+                or now.tokens_valid_after != user.tokens_valid_after:
+            raise unauthorized("the user is revoked, or its password changed")
+        return now
+
     def remember(self, user: User) -> None:
         self.users[user.username] = user
+        self.changes += 1
         self.basic_verified.pop(user.username, None)
 
     def forget(self, username: str) -> None:
         """Drop everything cached about a user (changed by another process)."""
         self.users.pop(username, None)
+        self.changes += 1
         self.basic_verified.pop(username, None)
         for token in [t for t, claims in self.verified_tokens.items()
                       if claims.get("sub") == username]:
@@ -1150,16 +1170,13 @@ class Auth:
         if not header:
             raise unauthorized("missing Authorization header")
         scheme, _, credentials = header.partition(" ")
-        scheme = scheme.lower()
-        if scheme == "bearer":
+        if scheme.lower() == "bearer":
             user = await self._from_jwt(credentials.strip())
-        elif scheme == "basic":
+        elif scheme.lower() == "basic":
             user = await self._from_basic(credentials.strip(), req.client)
         else:
             raise unauthorized("use Bearer or Basic authorization")
-        if user.revoked:
-            raise unauthorized("user is revoked")
-        return user
+        return self.current(user)
 
     async def _from_jwt(self, token: str) -> User:
         # A token seen before (the exact string, signature and all) skips the signature
@@ -1391,21 +1408,28 @@ class App:
 
     async def account_changed(self, username: str | None) -> None:
         """Another process (or this one) changed an account, on PostgreSQL; None: changes
-        may have been missed, so every account known here. Drop what is cached about it,
-        re-read it, and close the streams that the local path would have closed."""
+        may have been missed, so every account known here. Re-read it, replace what is
+        cached about it, and close the streams that the local path would have closed.
+        Until the read returns, requests act on the state cached before (never on none)."""
         names = [username] if username else list({*self.auth.users, *self.hub.by_user})
         for name in names:
             before = self.auth.users.get(name)
-            # The streams opened with `before` or older: one opened while the user is re-read
-            # below already has the new state (this process's own change, say) and stays.
-            streams = list(self.hub.by_user.get(name, ()))
-            self.auth.forget(name)
-            user = await self.store.get_user(name)
-            if user is not None:
+            self.auth.changes += 1  # a read of it under way began before the change: not kept
+            try:
+                user = await self.store.get_user(name)
+            finally:
+                # Else a newer state came meanwhile: this process's own change (whose notice
+                # follows), or a read that began after this notice. When the read failed,
+                # the user is read again at its next request.
+                if self.auth.users.get(name) is before:
+                    self.auth.forget(name)
+            if user is not None and name not in self.auth.users:
                 self.auth.remember(user)
+            user = self.auth.users.get(name)
             rescoped = self.config.enforce_scopes and before is not None and \
                 user is not None and before.scopes != user.scopes
-            for conn in streams:
+            # Also the streams that opened during the read, with `before`.
+            for conn in list(self.hub.by_user.get(name, ())):
                 if user is None or user.revoked or conn.tenant != user.tenant_name or rescoped \
                         or (before is not None and before.password_hash != user.password_hash):
                     conn.end_stream()
@@ -1453,7 +1477,9 @@ class App:
         if not isinstance(password, str):
             raise HTTPError(400, "password is required and must be a string")
         user = await self.auth.check_password(username, password, req.client)
-        return reply({"jwt": await self.auth.issue_jwt(user)})
+        token = await self.auth.issue_jwt(user)
+        self.auth.current(user)  # not revoked, nor the password changed, while it was checked
+        return reply({"jwt": token})
 
     # -- authenticated endpoints --------------------------------------------------------
     async def verify(self, req: Request) -> Response:
@@ -1468,6 +1494,7 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        user = self.auth.current(user)  # as it is now: no await from here to the insert
         if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
@@ -1481,6 +1508,7 @@ class App:
         conn = req.conn
         if conn.transport.is_closing():
             return STREAMING  # the client left while we checked its credentials
+        user = self.auth.current(user)  # as it is now: no await from here to the join
         conn.start_stream(user, req.client)
         self.hub.join(conn)
         try:
