@@ -114,6 +114,8 @@ OPTIONS: list[tuple[str, type, Any, str]] = [
      "bytes of encoded events kept in memory for syncs and short replays"),
     ("fanout_slice", int, FANOUT_SLICE,
      "subscribers a fan-out writes to before it lets other work run"),
+    ("max_inserts_per_second", int, 0,
+     "inserts one user may make per second (a burst of as many, then 429); 0: no limit"),
 ]
 
 
@@ -150,8 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "owns a SQLite file")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
-    if config.fanout_slice < 1:
-        parser.error("--fanout_slice must be at least 1")
+    if config.fanout_slice < 1 or config.max_inserts_per_second < 0:
+        parser.error("--fanout_slice must be at least 1, --max_inserts_per_second at least 0")
     # An empty token is what `$(openssl rand ...)` gives when openssl is missing.
     if not config.admin_token.strip():
         parser.error("the admin token (--admin_token, BROKER_ADMIN_TOKEN) must not be empty")
@@ -1000,6 +1002,35 @@ class Throttle:
         self.failures = {key: entry for key, entry in self.failures.items() if entry[1] >= cutoff}
 
 
+class InsertRate:
+    """--max_inserts_per_second: a token bucket per user, holding up to `rate` inserts and
+    refilled at `rate` a second. Kept as the time at which the bucket is full again (each
+    insert moves it 1/rate s later; over a second ahead, the bucket is empty). A user
+    without one has a full bucket, so full ones are forgotten (forget_full, at every
+    heartbeat): one per user at most, and only for a while."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.full_at: dict[str, float] = {}  # username -> monotonic time
+        self.refusals = 0
+
+    def take(self, username: str) -> None:
+        """Spend one insert of the user's bucket, or answer 429."""
+        if not self.rate:
+            return
+        now = time.monotonic()
+        full_at = max(self.full_at.get(username, now), now) + 1 / self.rate
+        if full_at - now > 1.000001:  # (a millionth for the float sum of a whole burst)
+            self.refusals += 1
+            raise HTTPError(429, f"over {self.rate} inserts per second; try again later",
+                            [("retry-after", str(math.ceil(full_at - now - 1)))])
+        self.full_at[username] = full_at
+
+    def forget_full(self) -> None:
+        now = time.monotonic()
+        self.full_at = {name: when for name, when in self.full_at.items() if when > now}
+
+
 class Auth:
     """Users (cached: this process is the database's only writer, or on PostgreSQL is told
     of every account change, see App.account_changed), password hashing in a bounded pool,
@@ -1028,6 +1059,7 @@ class Auth:
         self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
         self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
+        self.insert_rate = InsertRate(config.max_inserts_per_second)
 
     @property
     def hasher(self) -> argon2.PasswordHasher:
@@ -1308,6 +1340,8 @@ class Metrics:
             f"broker_frames_delivered_total {app.hub.frames_delivered}",
             "# TYPE broker_slow_consumer_disconnects_total counter",
             f"broker_slow_consumer_disconnects_total {app.hub.slow_consumers_cut}",
+            "# TYPE broker_insert_rate_refusals_total counter",
+            f"broker_insert_rate_refusals_total {app.auth.insert_rate.refusals}",
             "# TYPE broker_user_stream_limit_closes_total counter",
             f"broker_user_stream_limit_closes_total {app.hub.user_streams_closed}",
             "# TYPE broker_state_cache_bytes gauge",
@@ -1497,6 +1531,7 @@ class App:
         user = self.auth.current(user)  # as it is now: no await from here to the insert
         if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
+        self.auth.insert_rate.take(user.username)
         started = time.perf_counter()
         event = await self.store.insert_event(user.tenant_name, name, data)
         self.metrics.observe_insert(time.perf_counter() - started)
@@ -2009,6 +2044,7 @@ async def heartbeats(app: App) -> None:
         await asyncio.sleep(app.config.heartbeat)
         app.hub.heartbeat()
         app.auth.throttle.forget_old()
+        app.auth.insert_rate.forget_full()
 
 
 PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import pytest
 from api_support import assert_error, min_time, unique
-from conftest import Response, Server, basic
+from conftest import Response, Server, basic, rows
 
 PASSWORD = "correct horse 1"
 HEAD_LIMIT = 16 * 1024
@@ -670,3 +670,60 @@ def test_huge_login_names_are_refused_without_throttling_or_memory(make_server) 
     assert_status(srv.post("/login", {"username": "a" * 65, "password": PASSWORD}), 400)
     srv.login(name)  # 200, not 429
     assert srv.get("/verify", headers=basic(name, PASSWORD)).status == 200
+
+
+# ---------------------------------------------------------------------------------------
+# --max_inserts_per_second: a token bucket per user (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def pipelined(sock: socket.socket, requests: list[bytes], timeout: float = 10) -> list[Response]:
+    """Send the requests in one write and read one response for each, in order."""
+    sock.settimeout(timeout)
+    sock.sendall(b"".join(requests))
+    reader = sock.makefile("rb")
+    responses = []
+    for _ in requests:
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        responses.append(Response(status, headers,
+                                  reader.read(int(headers.get("content-length", "0")))))
+    return responses
+
+
+def insert_request(auth: dict[str, str], event: str) -> bytes:
+    body = json.dumps({"event": event, "data": 1}).encode()
+    return (f"POST /insert HTTP/1.1\r\nHost: x\r\nAuthorization: {auth['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def test_insert_rate_per_user(make_server) -> None:
+    """--max_inserts_per_second 2: a burst of 2 passes, the third is refused with a whole
+    Retry-After and not stored; 1/2 s later one more passes; another user is unaffected."""
+    srv = make_server("--max_inserts_per_second", "2")
+    fast, other = srv.user(unique("fast")), srv.user(unique("other"))
+    event = unique("burst")
+    with connect(srv.port) as sock:
+        burst = pipelined(sock, [insert_request(fast, event)] * 3)
+        assert [resp.status for resp in burst] == [200, 200, 429], burst
+        assert_error(burst[2], 429)
+        assert int(burst[2].headers["retry-after"]) >= 1, burst[2].headers
+        assert srv.insert(other, event, "another user").status == 200
+        time.sleep(0.6)  # one insert's worth of refill, and a little
+        later = pipelined(sock, [insert_request(fast, event)] * 2)
+        assert [resp.status for resp in later] == [200, 429], later
+    stored = rows(srv.db, "SELECT count(*) FROM events WHERE event = ?", (event,))
+    assert stored == [(4,)]  # 3 of `fast`, 1 of `other`: no refused one
+    assert metric_value(srv, "broker_insert_rate_refusals_total") == 2
+
+
+def test_insert_rate_is_off_by_default(shared: Server) -> None:
+    auth = shared.user(unique("unlimited"))
+    with connect(shared.port) as sock:
+        statuses = [resp.status for resp in pipelined(sock, [insert_request(auth, "many")] * 20)]
+    assert statuses == [200] * 20
+    assert metric_value(shared, "broker_insert_rate_refusals_total") == 0
