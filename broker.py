@@ -61,6 +61,7 @@ log = logging.getLogger("broker")
 
 DEFAULT_ADMIN_TOKEN = "letmein"
 MAX_HEADER_BYTES = 16 * 1024
+HTTP_BUFFER = 64 * 1024  # unsent bytes of answers after which a connection stops reading
 SYNC_PAGE = 1000  # events read per query when replaying a backlog
 FANOUT_SLICE = 256  # subscribers written per turn of the loop: 1-2 ms, 6-8 us a write
 JWT_ISSUER = "Broker"
@@ -123,6 +124,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
      "bytes of encoded events kept in memory for syncs and short replays"),
     ("fanout_slice", int, FANOUT_SLICE,
      "subscribers a fan-out writes to before it lets other work run"),
+    ("max_inserts_per_second", int, 0,
+     "inserts one user may make per second (a burst of as many, then 429); 0: no limit"),
 ]
 
 
@@ -159,8 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "owns a SQLite file")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
-    if config.fanout_slice < 1:
-        parser.error("--fanout_slice must be at least 1")
+    if config.fanout_slice < 1 or config.max_inserts_per_second < 0:
+        parser.error("--fanout_slice must be at least 1, --max_inserts_per_second at least 0")
+    # An empty token is what `$(openssl rand ...)` gives when openssl is missing.
+    if not config.admin_token.strip():
+        parser.error("the admin token (--admin_token, BROKER_ADMIN_TOKEN) must not be empty")
     return config
 
 
@@ -483,6 +489,7 @@ class Stream(asyncio.Protocol):
         self.position = 0
         self.live = False  # synced: the writer sends it its group's frames from `position`
         self.unpaused: asyncio.Future[None] | None = None  # set while a sync waits to drain
+        transport.set_write_buffer_limits(high=app.config.max_buffer)
         retry = retry_frame()
         self.write(app.stream_heads[chunked] + (chunk(retry) if chunked else retry))
 
@@ -1008,9 +1015,13 @@ class Hub:
 
 
 class Throttle:
-    """Counts failures per key in a one-minute window; over the limit, answer 429."""
+    """Counts failures per key in a one-minute window; over the limit, answer 429. The keys
+    come from clients (usernames, addresses): at most MAX_KEYS are kept, and over that the
+    one whose last failure is oldest goes. Filling it takes that many failed Argon2 checks,
+    or as many client addresses."""
 
     WINDOW = 60.0
+    MAX_KEYS = 10_000
 
     def __init__(self) -> None:
         self.failures: dict[str, tuple[int, float]] = {}
@@ -1023,16 +1034,47 @@ class Throttle:
                             [("retry-after", str(int(wait) + 1))])
 
     def fail(self, key: str) -> None:
-        count, since = self.failures.get(key, (0, 0.0))
+        # Popped and put back: the dict stays in the order of the last failure.
+        count, since = self.failures.pop(key, (0, 0.0))
         now = time.monotonic()
         if now - since > self.WINDOW:
             count, since = 0, now
+        if len(self.failures) >= self.MAX_KEYS:
+            del self.failures[next(iter(self.failures))]
         self.failures[key] = (count + 1, since)
 
     def forget_old(self) -> None:
+        cutoff = time.monotonic() - self.WINDOW
+        self.failures = {key: entry for key, entry in self.failures.items() if entry[1] >= cutoff}
+
+
+class InsertRate:
+    """--max_inserts_per_second: a token bucket per user, holding up to `rate` inserts and
+    refilled at `rate` a second. Kept as the time at which the bucket is full again (each
+    insert moves it 1/rate s later; over a second ahead, the bucket is empty). A user
+    without one has a full bucket, so full ones are forgotten (forget_full, at every
+    heartbeat): one per user at most, and only for a while."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.full_at: dict[str, float] = {}  # username -> monotonic time
+        self.refusals = 0
+
+    def take(self, username: str) -> None:
+        """Spend one insert of the user's bucket, or answer 429."""
+        if not self.rate:
+            return
         now = time.monotonic()
-        for key in [k for k, (_, since) in self.failures.items() if now - since > self.WINDOW]:
-            del self.failures[key]
+        full_at = max(self.full_at.get(username, now), now) + 1 / self.rate
+        if full_at - now > 1.000001:  # (a millionth for the float sum of a whole burst)
+            self.refusals += 1
+            raise HTTPError(429, f"over {self.rate} inserts per second; try again later",
+                            [("retry-after", str(math.ceil(full_at - now - 1)))])
+        self.full_at[username] = full_at
+
+    def forget_full(self) -> None:
+        now = time.monotonic()
+        self.full_at = {name: when for name, when in self.full_at.items() if when > now}
 
 
 class Auth:
@@ -1048,6 +1090,7 @@ class Auth:
         self.config = config
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
+        self.changes = 0  # account changes seen: a read of a user that one overtook is not kept
         self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
@@ -1062,6 +1105,7 @@ class Auth:
         self.basic_checks: dict[bytes, asyncio.Future[User]] = {}
         self.verified_tokens: dict[str, dict[str, Any]] = {}
         self.throttle = Throttle()
+        self.insert_rate = InsertRate(config.max_inserts_per_second)
 
     @property
     def hasher(self) -> argon2.PasswordHasher:
@@ -1071,20 +1115,39 @@ class Auth:
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
-        user = self.users.get(username)
-        if user is None:
+        """The cached user, else read from the store. A read that an account change
+        overtook is not kept but made again: a state read before a change never replaces
+        the changed one."""
+        while (user := self.users.get(username)) is None:
+            changes = self.changes
             user = await self.store.get_user(username)
-            if user is not None:
+            if user is None:
+                return None
+            if changes == self.changes:
                 self.users[username] = user
         return user
 
+    def current(self, user: User) -> User:
+        """The user as it is now, for a request to act on with no await in between: a
+        change that committed while its credentials were checked wins. 401 when the user
+        was revoked or its credentials were voided meanwhile (a new password: a new hash
+        and tokens_valid_after); else the current user, with its current tenant and scopes.
+        (A rehash for new Argon2 parameters at that very moment also answers 401, once.)"""
+        now = self.users.get(user.username)
+        if now is None or now.revoked or now.password_hash != user.password_hash \
+                or now.tokens_valid_after != user.tokens_valid_after:
+            raise unauthorized("the user is revoked, or its password changed")
+        return now
+
     def remember(self, user: User) -> None:
         self.users[user.username] = user
+        self.changes += 1
         self.basic_verified.pop(user.username, None)
 
     def forget(self, username: str) -> None:
         """Drop everything cached about a user (changed by another process)."""
         self.users.pop(username, None)
+        self.changes += 1
         self.basic_verified.pop(username, None)
         for token in [t for t, claims in self.verified_tokens.items()
                       if claims.get("sub") == username]:
@@ -1115,6 +1178,9 @@ class Auth:
 
     async def check_password(self, username: str, password: str, client: str) -> User:
         """The user, if the password is right and the user not revoked; else 401 (or 429)."""
+        if not 1 <= len(username) <= 64 or len(password) > 1024:
+            # No user has such credentials (create_user's bounds): no throttle entry, no hash.
+            raise unauthorized("wrong username or password, or the user is revoked")
         limit = self.config.auth_failures
         self.throttle.check(f"user:{username}", limit)
         self.throttle.check(f"addr:{client}", limit * 3)
@@ -1183,16 +1249,13 @@ class Auth:
         if not header:
             raise unauthorized("missing Authorization header")
         scheme, _, credentials = header.partition(" ")
-        scheme = scheme.lower()
-        if scheme == "bearer":
+        if scheme.lower() == "bearer":
             user = await self._from_jwt(credentials.strip())
-        elif scheme == "basic":
+        elif scheme.lower() == "basic":
             user = await self._from_basic(credentials.strip(), req.client)
         else:
             raise unauthorized("use Bearer or Basic authorization")
-        if user.revoked:
-            raise unauthorized("user is revoked")
-        return user
+        return self.current(user)
 
     async def _from_jwt(self, token: str) -> User:
         # A token seen before (the exact string, signature and all) skips the signature
@@ -1217,19 +1280,16 @@ class Auth:
         return user
 
     async def _from_basic(self, credentials: str, client: str) -> User:
-        try:
+        try:  # the password may hold ':'
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            username, password = decoded.split(":", 1)
+        except ValueError:  # not base64 (binascii.Error), not UTF-8, or no colon
             raise unauthorized("malformed Basic credentials") from None
-        username, colon, password = decoded.partition(":")  # the password may hold ':'
-        if not colon:
-            raise unauthorized("malformed Basic credentials")
         user = await self.user(username)
         if user is None:
             return await self.check_password(username, password, client)  # a slow 401
         digest = self.basic_digest(user, password)
-        known = self.basic_verified.get(username)
-        if known is not None and hmac.compare_digest(known, digest):
+        if hmac.compare_digest(self.basic_verified.get(username, b""), digest):
             return user
         # Requests that bring the same new credentials at once (a client opening 64
         # connections) share one Argon2 verify instead of queueing one each.
@@ -1330,6 +1390,7 @@ class Metrics:
             ("state_cache_bytes", "gauge", hub.cached),
             ("state_cache_tenants", "gauge", sum(t.held() for t in hub.tenants.values())),
             ("state_cache_evictions_total", "counter", self.state_evictions),
+            ("insert_rate_refusals_total", "counter", app.auth.insert_rate.refusals),
         ]
         lines = []
         for name, kind, value in samples:
@@ -1416,21 +1477,28 @@ class App:
 
     async def account_changed(self, username: str | None) -> None:
         """Another process (or this one) changed an account, on PostgreSQL; None: changes
-        may have been missed, so every account known here. Drop what is cached about it,
-        re-read it, and close the streams that the local path would have closed."""
+        may have been missed, so every account known here. Re-read it, replace what is
+        cached about it, and close the streams that the local path would have closed.
+        Until the read returns, requests act on the state cached before (never on none)."""
         names = [username] if username else list({*self.auth.users, *self.hub.by_user})
         for name in names:
             before = self.auth.users.get(name)
-            # The streams opened with `before` or older: one opened while the user is re-read
-            # below already has the new state (this process's own change, say) and stays.
-            streams = list(self.hub.by_user.get(name, ()))
-            self.auth.forget(name)
-            user = await self.store.get_user(name)
-            if user is not None:
+            self.auth.changes += 1  # a read of it under way began before the change: not kept
+            try:
+                user = await self.store.get_user(name)
+            finally:
+                # Else a newer state came meanwhile: this process's own change (whose notice
+                # follows), or a read that began after this notice. When the read failed,
+                # the user is read again at its next request.
+                if self.auth.users.get(name) is before:
+                    self.auth.forget(name)
+            if user is not None and name not in self.auth.users:
                 self.auth.remember(user)
+            user = self.auth.users.get(name)
             rescoped = self.config.enforce_scopes and before is not None and \
                 user is not None and before.scopes != user.scopes
-            for stream in streams:
+            # Also the streams that opened during the read, with `before`.
+            for stream in list(self.hub.by_user.get(name, ())):
                 if user is None or user.revoked or stream.tenant != user.tenant_name \
                         or rescoped or (before is not None
                                         and before.password_hash != user.password_hash):
@@ -1474,13 +1542,14 @@ class App:
 
     async def login(self, req: Request) -> Response:
         body = read_json(req)
-        username, password = body.get("username"), body.get("password")
-        if not isinstance(username, str) or not isinstance(password, str):
-            raise HTTPError(400, "username and password are required strings")
-        if len(password) > 1024:
-            raise unauthorized("wrong username or password, or the user is revoked")
+        username = text_field(body, "username")  # 1-64 characters, as at create_user
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise HTTPError(400, "password is required and must be a string")
         user = await self.auth.check_password(username, password, req.client)
-        return reply({"jwt": await self.auth.issue_jwt(user)})
+        token = await self.auth.issue_jwt(user)
+        self.auth.current(user)  # not revoked, nor the password changed, while it was checked
+        return reply({"jwt": token})
 
     # -- authenticated endpoints --------------------------------------------------------
     async def verify(self, req: Request) -> Response:
@@ -1495,8 +1564,10 @@ class App:
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
+        user = self.auth.current(user)  # as it is now: no await from here to the insert
         if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
+        self.auth.insert_rate.take(user.username)
         started = time.perf_counter()
         self.hub.writer.insert_seen = time.monotonic()  # its commit is near: Writer._pass_over
         event = await self.store.insert_event(user.tenant_name, name, data)
@@ -1509,6 +1580,7 @@ class App:
         wanted = event_filter(req.args("event"))
         if req.conn.transport.is_closing():
             return STREAMING  # the client left while we checked its credentials
+        user = self.auth.current(user)  # as it is now: no await from here to the join
         granted = grants(tuple(user.scopes))[0] if self.config.enforce_scopes else None
         stream = req.conn.become_stream(user, both(granted, wanted), req.client)
         self.hub.join(stream)
@@ -1633,7 +1705,7 @@ class App:
         if moving or rescoped:
             # What the user's streams may carry changes: nothing more may reach them once the
             # change commits, so their Last-Event-ID stays at or before the id the change
-            # records (Store.update_user), and their resume gets the new state.
+            # records (Engine.update_user), and their resume gets the new state.
             self.hub.mute_user(username)
         try:
             user = await self._change_user(username, changes)
@@ -1694,7 +1766,9 @@ class Connection(asyncio.Protocol):
         if len(self.app.connections) > self.app.config.max_connections:
             self.reject(503, "too many connections; try again", [("retry-after", "5")])
             return
-        self.transport.set_write_buffer_limits(high=self.app.config.max_buffer)
+        # Small: a client that pipelines requests without reading their answers is held to
+        # this much before broker reads no further (an event stream gets --max_buffer).
+        self.transport.set_write_buffer_limits(high=HTTP_BUFFER)
         # A new connection must start its request promptly: silent sockets cost a slot.
         self.arm_timer(self.app.config.request_timeout)
 
@@ -1712,7 +1786,9 @@ class Connection(asyncio.Protocol):
             return False
         self.http.receive_data(b"")
         self.process()
-        return True  # keep our side open to answer a request that ended with the EOF
+        # Keep our side open to answer a request that ended with the EOF; TLS has no half
+        # close (and asyncio warns, once per connection, at a True).
+        return self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
@@ -1724,6 +1800,9 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.http is not None and self.request is None:  # between requests: read on
+            self.transport.resume_reading()
+            self.process()
 
     # -- timers ---------------------------------------------------------------------------
     def arm_timer(self, seconds: float) -> None:
@@ -1737,7 +1816,9 @@ class Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         self.timer = None
-        if self.reading:
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # a client that does not read: close() would wait for it
+        elif self.reading:
             self.reject(408, "request not received in time")
         else:
             self.transport.close()  # an idle keep-alive connection
@@ -1886,8 +1967,9 @@ class Connection(asyncio.Protocol):
         self.reading = bool(self.http.trailing_data[0])
         self.arm_timer(self.app.config.request_timeout if self.reading
                        else self.app.config.idle_timeout)
-        self.transport.resume_reading()
-        self.process()
+        if not self.write_paused:  # else resume_writing goes on: answers wait for the client
+            self.transport.resume_reading()
+            self.process()
 
     def reject(self, status: int, message: str,
                headers: list[tuple[str, str]] | None = None) -> None:
@@ -1936,6 +2018,7 @@ async def heartbeats(app: App) -> None:
         await asyncio.sleep(app.config.heartbeat)
         app.hub.heartbeat()
         app.auth.throttle.forget_old()
+        app.auth.insert_rate.forget_full()
 
 
 PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts

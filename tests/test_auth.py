@@ -7,8 +7,11 @@ signature of issued tokens and craft their own: expired, wrong issuer, other alg
 from __future__ import annotations
 
 import base64
+import json
+import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
@@ -23,6 +26,7 @@ from api_support import (
     wait_for_log,
 )
 from conftest import ADMIN, Response, Server, basic, bearer, rows
+from stream_support import admin
 
 # 64 bytes, so pyjwt does not warn when the tests sign HS512 forgeries with it.
 SECRET = "a-known-test-secret-" + "0123456789abcdef" * 3
@@ -217,3 +221,102 @@ def test_hash_is_upgraded_at_the_next_login_after_a_parameter_change(tmp_path, h
         assert srv.login(name, "an old password 1")
     finally:
         srv.kill()
+
+
+# -- authorization is current when it acts (issue 17) ---------------------------------------
+# A Basic check waits for Argon2, which a login flood keeps busy; an admin change that
+# commits meanwhile must win: the stream does not open in the old tenant, the insert is
+# not stored. "other": the change is made through a second process (PostgreSQL only), and
+# reaches the first by the database's account notices.
+
+FLOOD = 40  # failed logins queued at once: Argon2's queue holds 64
+
+
+def busy_argon2(server) -> list[socket.socket]:
+    """Queue FLOOD failed logins at once, each on its own connection: Argon2 is then busy for
+    FLOOD hashes (about a second), and a Basic check that comes next waits behind them."""
+    flood = []
+    for _ in range(FLOOD):
+        body = json.dumps({"username": unique("flood"), "password": "wrong password"}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        flood.append(sock)
+    time.sleep(0.2)  # every login has reached the hashing queue
+    return flood
+
+
+def during_a_basic_check(server, changer, call, change) -> object:
+    """Run `call` (a request with Basic credentials not yet verified) while Argon2 is busy,
+    make `change` through `changer` while it waits, and return what `call` returned."""
+    flood = busy_argon2(server)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pending = pool.submit(call)
+            time.sleep(0.1)  # the request reaches the server and waits for its verify
+            change(changer)
+            assert not pending.done(), "the Basic check ended before the change: no race"
+            return pending.result(timeout=30)
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+@pytest.fixture
+def racing(via, make_server):
+    """(the server, the server that makes admin changes: itself, or another process)."""
+    server = make_server("--auth_failures", "10000")
+    return server, make_server("--auth_failures", "10000") if via == "other" else server
+
+
+# "other" needs PostgreSQL: one process owns a SQLite file.
+RACES = pytest.mark.parametrize(("via", "engine"), [
+    ("same", "sqlite"), ("same", "postgres"), ("other", "postgres")], indirect=["engine"])
+
+
+@RACES
+def test_a_stream_does_not_open_for_a_user_revoked_during_its_basic_check(racing):
+    server, changer = racing
+    name = unique("late")
+    server.user(name, COLON_PASSWORD, tenant=unique("late"))
+    stream = during_a_basic_check(
+        server, changer, lambda: server.sse(basic(name, COLON_PASSWORD), timeout=30),
+        lambda srv: admin(srv, "/revoke_user", username=name))
+    stream.close()
+    assert stream.status == 401
+
+
+@RACES
+def test_a_stream_checked_during_a_tenant_move_never_gets_the_old_tenant(racing):
+    server, changer = racing
+    old, new = unique("old"), unique("new")
+    old_peer = server.user(unique("old_peer"), tenant=old)
+    new_peer = server.user(unique("new_peer"), tenant=new)
+    server.insert(old_peer, "colour", "old")
+    server.insert(new_peer, "colour", "new")
+    name = unique("mover")
+    server.user(name, COLON_PASSWORD, tenant=old)
+    stream = during_a_basic_check(
+        server, changer, lambda: server.sse(basic(name, COLON_PASSWORD), timeout=30),
+        lambda srv: admin(srv, "/update_user", username=name, tenant_name=new))
+    try:
+        assert stream.status in (200, 401), stream.status
+        if stream.status == 200:  # then it is a stream of the new tenant
+            assert [(f.event, f.json()) for f in stream.take(1)] == [("colour", "new")]
+            server.insert(old_peer, "colour", "old again")
+            new_id = server.insert(new_peer, "colour", "new again").json()["id"]
+            assert stream.next().id == new_id, "the old tenant's event was delivered"
+    finally:
+        stream.close()
+
+
+@RACES
+def test_an_insert_checked_during_a_revoke_is_refused_and_not_stored(racing):
+    server, changer = racing
+    name, event = unique("late"), unique("never")
+    server.user(name, COLON_PASSWORD, tenant=unique("late"))
+    resp = during_a_basic_check(server, changer,
+                                lambda: server.insert(basic(name, COLON_PASSWORD), event, 1),
+                                lambda srv: admin(srv, "/revoke_user", username=name))
+    assert resp.status == 401, resp.body
+    assert rows(server.db, "SELECT count(*) FROM events WHERE event = ?", (event,)) == [(0,)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -38,6 +39,25 @@ def test_default_admin_token_warns_loudly(tmp_path) -> None:
         assert srv.create_user(unique("dflt")).status == 200  # the default does work
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize(("flags", "env"), [
+    (["--admin_token", ""], {}),
+    (["--admin_token", "  "], {}),
+    ([], {"BROKER_ADMIN_TOKEN": ""}),  # `$(openssl rand -hex 24)` without openssl
+    ([], {"BROKER_ADMIN_TOKEN": " \t"}),
+], ids=["empty flag", "blank flag", "empty env", "blank env"])
+def test_empty_admin_token_refuses_to_start(tmp_path, flags: list[str],
+                                            env: dict[str, str]) -> None:
+    db = tmp_path / "broker.db"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    result = subprocess.run([sys.executable, "-m", "broker", "--port", "0", "--db", str(db),
+                             *flags], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode != 0
+    assert "admin token" in result.stderr and "empty" in result.stderr, result.stderr
+    assert "listening" not in result.stderr
+    assert not db.exists()  # refused before anything was opened
 
 
 def test_custom_admin_token_does_not_warn(server: Server) -> None:

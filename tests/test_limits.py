@@ -8,17 +8,20 @@ flags (1 s instead of 10 s / 60 s) so the suite stays fast; every wait is bounde
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import re
 import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from api_support import assert_error, min_time, unique
-from conftest import Response, Server
+from conftest import Response, Server, basic, rows
 
 PASSWORD = "correct horse 1"
 HEAD_LIMIT = 16 * 1024
@@ -568,3 +571,159 @@ def check_slowloris_cut_off(loris: Slowloris, request_timeout: float) -> None:
     assert timed_out == loris.count, f"only {timed_out} of {loris.count} got a 408"
     latest = max(loris.answered.values()) - loris.started
     assert latest < request_timeout + 2, f"the last 408 came after {latest:.1f}s"
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelined requests from a client that never reads (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def metric_value(srv: Server, name: str) -> float:
+    """One value of /metrics (broker_open_connections counts the connection that asks)."""
+    resp = srv.get("/metrics", headers={"Authorization": f"Bearer {srv.admin_token}"})
+    match = re.search(rf"^{name} (\S+)$".encode(), resp.body, re.MULTILINE)
+    assert match, resp.body[:300]
+    return float(match.group(1))
+
+
+def rss_mib(srv: Server) -> float:
+    """The server process's resident memory."""
+    assert srv.proc is not None
+    with open(f"/proc/{srv.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_ignoring_resets(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # cut off by the server: what this test wants
+        pass
+
+
+def last_logged(srv: Server, needle: str) -> float:
+    """The time (from the log line's own stamp) of the last log line holding `needle`."""
+    line = [line for line in srv.log_lines if needle in line][-1]
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_pipelined_requests_never_read_are_bounded_and_cut_off(make_server) -> None:
+    """50,000 pipelined requests from a client that reads nothing: once its unread answers
+    pass --max_buffer, no more of its requests are read, and at its timeout it is cut off
+    (a graceful close would wait for the client forever). Others are served meanwhile.
+    The memory it holds is about --max_buffer (on uvloop, which keeps each small write as
+    its own object, several times that: 7 MiB at the default 1 MiB), however many it sends."""
+    srv = make_server("--request_timeout", "1", "--idle_timeout", "1", "--max_buffer", "262144")
+    for _ in range(50):  # warm up: the memory of serving requests at all
+        assert srv.get("/").status == 200
+    before = peak = rss_mib(srv)
+    sock = connect(srv.port, timeout=30)
+    sender = threading.Thread(target=send_ignoring_resets,
+                              args=(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 50_000))
+    started = time.monotonic()
+    sender.start()
+    try:
+        while metric_value(srv, "broker_open_connections") > 1:  # the others are served meanwhile
+            peak = max(peak, rss_mib(srv))
+            assert time.monotonic() - started < 30, "the connection that never reads is open"
+            time.sleep(0.1)
+        gone = time.time()
+        sender.join(10)
+        assert not sender.is_alive()
+    finally:
+        sock.close()
+    served = sum(" GET / 200 " in line for line in srv.log_lines) - 50
+    print(f"\nunread pipelining: {served} answered, RSS {before:.1f} -> peak {peak:.1f} MiB, "
+          f"cut off {gone - last_logged(srv, ' GET / 200 '):.1f}s after the last answer")
+    assert served < 50_000, "every request was answered: the reading never stopped"
+    assert peak - before < 4, f"RSS grew from {before:.1f} to {peak:.1f} MiB"
+    assert gone - last_logged(srv, " GET / 200 ") < 1 + 1.5
+    assert srv.get("/").status == 200
+
+
+# ---------------------------------------------------------------------------------------
+# Login names: 1-64 characters, checked before any throttling or hashing (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def test_huge_login_names_are_refused_without_throttling_or_memory(make_server) -> None:
+    """40 logins with distinct 1 MB names and 20 Basic credentials with 8 KB names: each
+    refused at once, and none counts as a failed login. The observable: the client address
+    may fail only 3 x --auth_failures = 6 logins a minute, yet the real user still logs in
+    from it afterwards (a count per name or per address would have made that 429)."""
+    srv = make_server("--auth_failures", "2")
+    name = unique("real")
+    assert srv.create_user(name).status == 200
+    before = rss_mib(srv)
+    for i in range(40):
+        resp = srv.post("/login", {"username": f"{i}-" + "n" * 1_000_000, "password": PASSWORD})
+        assert_status(resp, 400)
+        assert "username" in resp.json()["error"]
+    for i in range(20):
+        huge = base64.b64encode(f"{i}-{'n' * 8000}:{PASSWORD}".encode()).decode()
+        assert srv.get("/verify", headers={"Authorization": f"Basic {huge}"}).status == 401
+    grew = rss_mib(srv) - before
+    print(f"\nhuge login names: RSS grew {grew:.1f} MiB")
+    assert grew < 8, f"RSS grew {grew:.1f} MiB"
+    assert_status(srv.post("/login", {"username": "a" * 65, "password": PASSWORD}), 400)
+    srv.login(name)  # 200, not 429
+    assert srv.get("/verify", headers=basic(name, PASSWORD)).status == 200
+
+
+# ---------------------------------------------------------------------------------------
+# --max_inserts_per_second: a token bucket per user (issue 17)
+# ---------------------------------------------------------------------------------------
+
+
+def pipelined(sock: socket.socket, requests: list[bytes], timeout: float = 10) -> list[Response]:
+    """Send the requests in one write and read one response for each, in order."""
+    sock.settimeout(timeout)
+    sock.sendall(b"".join(requests))
+    reader = sock.makefile("rb")
+    responses = []
+    for _ in requests:
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        responses.append(Response(status, headers,
+                                  reader.read(int(headers.get("content-length", "0")))))
+    return responses
+
+
+def insert_request(auth: dict[str, str], event: str) -> bytes:
+    body = json.dumps({"event": event, "data": 1}).encode()
+    return (f"POST /insert HTTP/1.1\r\nHost: x\r\nAuthorization: {auth['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def test_insert_rate_per_user(make_server) -> None:
+    """--max_inserts_per_second 2: a burst of 2 passes, the third is refused with a whole
+    Retry-After and not stored; 1/2 s later one more passes; another user is unaffected."""
+    srv = make_server("--max_inserts_per_second", "2")
+    fast, other = srv.user(unique("fast")), srv.user(unique("other"))
+    event = unique("burst")
+    with connect(srv.port) as sock:
+        burst = pipelined(sock, [insert_request(fast, event)] * 3)
+        assert [resp.status for resp in burst] == [200, 200, 429], burst
+        assert_error(burst[2], 429)
+        assert int(burst[2].headers["retry-after"]) >= 1, burst[2].headers
+        assert srv.insert(other, event, "another user").status == 200
+        time.sleep(0.6)  # one insert's worth of refill, and a little
+        later = pipelined(sock, [insert_request(fast, event)] * 2)
+        assert [resp.status for resp in later] == [200, 429], later
+    stored = rows(srv.db, "SELECT count(*) FROM events WHERE event = ?", (event,))
+    assert stored == [(4,)]  # 3 of `fast`, 1 of `other`: no refused one
+    assert metric_value(srv, "broker_insert_rate_refusals_total") == 2
+
+
+def test_insert_rate_is_off_by_default(shared: Server) -> None:
+    auth = shared.user(unique("unlimited"))
+    with connect(shared.port) as sock:
+        statuses = [resp.status for resp in pipelined(sock, [insert_request(auth, "many")] * 20)]
+    assert statuses == [200] * 20
+    assert metric_value(shared, "broker_insert_rate_refusals_total") == 0

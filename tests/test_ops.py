@@ -149,3 +149,29 @@ def test_tls_serves_the_api_and_the_stream(make_server, certificate):
         except ConnectionResetError:
             reply = b""
         assert b"200 OK" not in reply
+
+
+def test_tls_clients_that_close_their_side_cause_no_warning(make_server, certificate):
+    """A TLS client that ends its side after the request (curl does, and an ssl socket's
+    unwrap sends close_notify) made asyncio log a warning about eof_received for every
+    connection. Not any more, and the answers still come."""
+    cert, key = certificate
+    srv = make_server("--cert_path", str(cert), "--key_path", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b'{"status":"ok"}' not in answer:
+                answer += tls.recv(4096)
+            tls.unwrap()  # close_notify: the end of our side
+    if shutil.which("curl"):
+        for _ in range(3):
+            result = subprocess.run(["curl", "-sS", "--cacert", str(cert),
+                                     f"https://127.0.0.1:{srv.port}/"],
+                                    capture_output=True, text=True, timeout=30, check=False)
+            assert result.stdout == '{"status":"ok"}', result.stderr
+    srv.stop()  # every connection's log is written
+    assert "GET / 200" in srv.log
+    assert "eof_received" not in srv.log, srv.log
