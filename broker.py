@@ -43,16 +43,8 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import jwt
 
-from store import (
-    Engine,
-    Event,
-    StoreError,
-    User,
-    UsernameTaken,
-    is_postgres_url,
-    open_store,
-    shown_db,
-)
+import store
+from store import Engine, Event, QuotaExceeded, StoreError, User, UsernameTaken
 
 if TYPE_CHECKING:
     import argon2
@@ -124,6 +116,9 @@ OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
      "bytes of encoded events kept in memory for syncs and short replays"),
     ("fanout_slice", int, FANOUT_SLICE,
      "subscribers a fan-out writes to before it lets other work run"),
+    ("max_event_names", int, 10000, "distinct event names one tenant may have; 0: no limit"),
+    ("max_tenant_bytes", int, 16 << 20,
+     "bytes of one tenant's newest values (each name's length + its data's); 0: no limit"),
 ]
 
 
@@ -155,13 +150,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
         parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
                      "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
-    if config.reuse_port and not is_postgres_url(config.db):
+    if config.reuse_port and not store.is_postgres_url(config.db):
         parser.error("--reuse_port needs PostgreSQL (--db postgresql://...): one process "
                      "owns a SQLite file")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
     if config.fanout_slice < 1:
         parser.error("--fanout_slice must be at least 1")
+    if config.max_event_names < 0 or config.max_tenant_bytes < 0:
+        parser.error("--max_event_names and --max_tenant_bytes are 0 (no limit) or more")
     return config
 
 
@@ -1227,7 +1224,7 @@ def weak_password_checker() -> Callable[[str], str | None]:
     try:
         from zxcvbn import zxcvbn
     except ImportError:
-        raise SystemExit("--password_checker needs zxcvbn: from the checkout, pip install '.[passwords]'")
+        raise SystemExit("--password_checker needs zxcvbn: pip install '.[passwords]'")
 
     def check(password: str) -> str | None:
         result = zxcvbn(password[:256])  # zxcvbn is slow on long input; 256 chars suffice
@@ -1252,6 +1249,7 @@ class Metrics:
         self.events_inserted = 0
         self.insert_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.insert_seconds = 0.0
+        self.quota_refusals = 0
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
@@ -1288,6 +1286,8 @@ class Metrics:
             f"broker_state_cache_tenants {len(app.hub.states.active) + len(app.hub.states.idle)}",
             "# TYPE broker_state_cache_evictions_total counter",
             f"broker_state_cache_evictions_total {app.hub.states.evictions}",
+            "# TYPE broker_quota_refusals_total counter",
+            f"broker_quota_refusals_total {self.quota_refusals}",
             "# TYPE broker_requests_total counter",
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
@@ -1350,7 +1350,10 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await open_store(self.config.db, self.hub.publish, self.account_changed)
+        self.store = await store.open_store(
+            self.config.db, self.hub.publish, self.account_changed,
+            max_event_names=self.config.max_event_names,
+            max_tenant_bytes=self.config.max_tenant_bytes)
         self.hub.published_upto = self.store.published.upto
         secret = self.config.jwt_secret
         if not secret:
@@ -1448,7 +1451,11 @@ class App:
         if self.config.enforce_scopes and not grants(tuple(user.scopes))[1](name):
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         started = time.perf_counter()
-        event = await self.store.insert_event(user.tenant_name, name, data)
+        try:
+            event = await self.store.insert_event(user.tenant_name, name, data)
+        except QuotaExceeded as exc:  # 409: retrying cannot help until the tenant changes
+            self.metrics.quota_refusals += 1
+            raise HTTPError(409, str(exc)) from None
         self.metrics.observe_insert(time.perf_counter() - started)
         return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
 
@@ -1997,7 +2004,7 @@ async def serve(config: argparse.Namespace) -> None:
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
     log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme,
-             shown_db(config.db))
+             store.shown_db(config.db))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
