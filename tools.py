@@ -59,7 +59,8 @@ def backup_database(source: str, dest: str) -> int:
     The copy is one snapshot: a read transaction is held on the source for the whole copy,
     so the steps never restart, and in WAL mode readers never block the server's writer:
     inserts go on throughout. It is written beside `dest` and renamed over it only once
-    PRAGMA integrity_check passes, so `dest` is never a half-written or damaged file."""
+    PRAGMA integrity_check passes, so `dest` is never a half-written or damaged file. It
+    holds what the source does (password hashes, the JWT secret): its mode is copy_mode."""
     if not Path(source).is_file():
         raise OSError(f"no database at {source!r}")
     if Path(f"{dest}-wal").exists():
@@ -72,6 +73,7 @@ def backup_database(source: str, dest: str) -> int:
         src.execute("PRAGMA busy_timeout = 5000")
         src.execute("BEGIN")
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             src.backup(copy, pages=BACKUP_STEP_PAGES)
@@ -85,8 +87,15 @@ def backup_database(source: str, dest: str) -> int:
         raise
     finally:
         src.close()
+    os.chmod(partial, copy_mode(source))
     os.replace(partial, dest)
     return pages
+
+
+def copy_mode(source: str) -> int:
+    """The mode of a copy of the SQLite file `source`: the owner's bits of the source's, so
+    never less strict than it, and never readable by others (whatever the umask)."""
+    return os.stat(source).st_mode & 0o600
 
 
 def check_integrity(conn: sqlite3.Connection) -> None:
@@ -133,7 +142,10 @@ async def copy_database(source: str, target: str) -> dict[str, int]:
         raise ToolError(f"{target!r} exists; the target must be a new file (or an empty "
                         "PostgreSQL database): nothing was changed")
     try:
-        return await _copy(source, target)
+        counts = await _copy(source, target)
+        if target_is_new_file and not is_postgres_url(source):
+            os.chmod(target, copy_mode(source))  # created 0600 (see store.py)
+        return counts
     except BaseException:
         if target_is_new_file:
             for suffix in ("", "-wal", "-shm"):
