@@ -49,21 +49,12 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 import store
-from store import (
-    AccountHook,
-    CommitHook,
-    Event,
-    PageOfTables,
-    Pruned,
-    QuotaExceeded,
-    StoreError,
-    User,
-)
+from store import AccountHook, CommitHook, Event, PageOfTables, Pruned, StoreError, User
 
 log = logging.getLogger("broker.pgstore")
 
@@ -151,14 +142,11 @@ RESUME_PAGE = f"""
     ORDER BY e.id"""
 
 
-class _Insert:
-    __slots__ = ("data", "event", "future", "tenant_name")
-
-    def __init__(self, tenant_name: str, event: str, data: str, future: asyncio.Future) -> None:
-        self.tenant_name = tenant_name
-        self.event = event
-        self.data = data
-        self.future = future
+class _Insert(NamedTuple):
+    tenant_name: str
+    event: str
+    data: str
+    future: asyncio.Future
 
 
 class PgStore(store.SqlEngine):
@@ -239,25 +227,18 @@ class PgStore(store.SqlEngine):
 
     _change = _rows  # one statement outside a transaction block commits when it ends
 
-    async def _snapshot(self, *reads: tuple[str, tuple]) -> list[list[tuple]]:
-        async def run(conn: asyncpg.Connection) -> list[list[tuple]]:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return [await conn.fetch(query, *args) for query, args in reads]
-        return await self._run(run)
-
     async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
         """As store.Engine.update_user, and every process hears of it (ACCOUNTS_CHANNEL)."""
-        record, update = store.plan_update(username, changes)
+        plan = store.plan_update(username, changes)
 
         async def run(conn: asyncpg.Connection) -> asyncpg.Record | None:
             async with conn.transaction():
-                if record:
-                    # Under the commit-order lock, the newest id is exact: every event
-                    # committed after the change has a larger id.
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
-                    await conn.execute(record[0], *record[1])
-                if update:
-                    await conn.execute(update[0], *update[1])
+                if plan:
+                    if plan[2]:
+                        # Under the commit-order lock, the newest id is exact: every event
+                        # committed after the change has a larger id.
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
+                    await conn.execute(plan[0], *plan[1])
                     await conn.execute("SELECT pg_notify($1, $2)", ACCOUNTS_CHANNEL, username)
                 return await conn.fetchrow(store.USER_BY_NAME, username)
         row = await self._run(run)
@@ -295,7 +276,7 @@ class PgStore(store.SqlEngine):
             answer.add_done_callback(self.answering.discard)
 
     async def _commit(self, conn: asyncpg.Connection,
-                      batch: list[_Insert]) -> tuple[list[Event | QuotaExceeded], int]:
+                      batch: list[_Insert]) -> tuple[list[Event | store.QuotaExceeded], int]:
         """One transaction for the batch; returns each insert's event or refusal, and the
         newest id committed before it."""
         stamp = int(time.time())
@@ -307,7 +288,7 @@ class PgStore(store.SqlEngine):
                 Event(event_id, j.tenant_name, j.event, j.data, stamp)
                 for j, (event_id, _, refused) in zip(batch, rows)], rows[0][1]
 
-    async def _answer(self, batch: list[_Insert], results: list[Event | QuotaExceeded],
+    async def _answer(self, batch: list[_Insert], results: list[Event | store.QuotaExceeded],
                       prior: int) -> None:
         events = [result for result in results if isinstance(result, Event)]
         if self.published.upto >= prior:
@@ -447,7 +428,8 @@ async def _start_id_range(conn: asyncpg.Connection) -> None:
     sequence = await conn.fetchval("SELECT pg_get_serial_sequence('events', 'id')")
     last_value, is_called = await conn.fetchrow(f"SELECT last_value, is_called FROM {sequence}")
     issued = max(last_value if is_called else last_value - 1, await conn.fetchval(store.NEWEST_ID))
-    floor, gap = store.id_floor(issued, await conn.fetchval(store.EARLIER_FLOOR))
+    earlier = await conn.fetchval(store.EARLIER_FLOOR)
+    floor, gap = store.id_floor(issued, earlier, time.time_ns() // 1000)
     if gap:
         await conn.execute("SELECT setval($1, $2, false)", sequence, floor)
         await conn.execute(store.RECORD_GAP, *gap)

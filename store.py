@@ -288,21 +288,21 @@ RESUME_PROOF = f"""
     AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
     AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
     AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
-# The sync: the newest id of the log, tenant $1's pruned horizon, and the newest event of
-# each of its names, in one statement (one row of NULL events when there are none).
-LATEST_OF_TENANT = f"""
-    SELECT ({NEWEST_ID}), (SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1),
-           e.* FROM (SELECT 1) one LEFT JOIN (
-        SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
-        FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1) e ON true
-    ORDER BY e.id"""
-RECENT_OF_TENANT = f"""
-    SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 ORDER BY id DESC LIMIT $2"""
+# A tenant's state in ONE statement, so from one snapshot: a first row (kind 0) with the newest
+# id of the log and tenant $1's pruned horizon, then (kind 1) the newest event of each of its
+# names, then (kind 2) its $2 newest events, each oldest first.
+TENANT_STATE = f"""
+    SELECT 0, ({NEWEST_ID}), NULL, NULL, NULL,
+           (SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1)
+    UNION ALL SELECT 1, e.id, e.tenant_name, e.event, e.data, e.timestamp
+              FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1
+    UNION ALL SELECT 2, * FROM (SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1
+                                ORDER BY id DESC LIMIT $2) recent
+    ORDER BY 1, 2"""
 # Retention: up to $2 events after $1 in id order, and whether each is the newest of its name.
 PRUNE_SCAN = """
-    SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e
-    LEFT JOIN latest l ON l.tenant_name = e.tenant_name AND l.event = e.event
-                      AND l.event_id = e.id
+    SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e LEFT JOIN
+    latest l ON l.tenant_name = e.tenant_name AND l.event = e.event AND l.event_id = e.id
     WHERE e.id > $1 ORDER BY e.id LIMIT $2"""
 # A row when it raised tenant $1's horizon to $2.
 RAISE_HORIZON = """
@@ -362,15 +362,10 @@ class SqlEngine:
         self.max_tenant_bytes = max_tenant_bytes
         self.loop = asyncio.get_running_loop()
 
-    async def _rows(self, query: str, *args: Any) -> list[tuple]:
-        raise NotImplementedError
-
-    async def _change(self, query: str, *args: Any) -> list[tuple]:
-        raise NotImplementedError
-
-    async def _snapshot(self, *reads: tuple[str, tuple]) -> list[list[tuple]]:
-        """The rows of several reads (statement, arguments), all from one snapshot."""
-        raise NotImplementedError
+    # The engine's: the rows of one statement with $1, $2... placeholders, read, or written
+    # and committed.
+    _rows: Callable[..., Awaitable[list[tuple]]]
+    _change: Callable[..., Awaitable[list[tuple]]]
 
     async def setting_or_default(self, key: str, default: str) -> str:
         # A no-op update, so that the row is returned when it exists already.
@@ -410,19 +405,15 @@ class SqlEngine:
 
     async def tenant_state(self, tenant_name: str,
                            recent: int) -> tuple[list[Event], list[Event], int, int]:
-        latest, newest_first = await self._snapshot((LATEST_OF_TENANT, (tenant_name,)),
-                                                    (RECENT_OF_TENANT, (tenant_name, recent)))
-        return ([Event(*row[2:]) for row in latest if row[2] is not None],
-                [Event(*row) for row in reversed(newest_first)], latest[0][0], latest[0][1])
+        rows = await self._rows(TENANT_STATE, tenant_name, recent)
+        latest, newest = ([Event(*row[1:]) for row in rows if row[0] == kind] for kind in (1, 2))
+        return latest, newest, rows[0][1], rows[0][5]
 
     async def table_counts(self) -> dict[str, int]:
         return {table: (await self._rows(f"SELECT count(*) FROM {table}"))[0][0]
                 for table in TABLES}
 
-    def export_tables(self) -> PageOfTables:
-        return self._export_pages()
-
-    async def _export_pages(self) -> PageOfTables:
+    async def export_tables(self) -> PageOfTables:
         for table, columns in TABLES.items():
             if table != "events":
                 order = self.users_order if table == "users" else "1, 2"
@@ -486,33 +477,28 @@ def user_from_row(row: Any) -> User:
                 None if data is None else json.loads(data), valid_after, changed)
 
 
-Statement = tuple[str, list[Any]]
+def plan_update(username: str, changes: dict[str, Any]) -> tuple[str, list[Any], bool] | None:
+    """The statement that applies `changes` (keys from UPDATABLE, else ValueError) to the
+    user, its arguments, and whether it may change the user's access (tenant or scopes);
+    None when there is nothing to change.
 
-
-def plan_update(username: str, changes: dict[str, Any]) -> tuple[Statement | None,
-                                                                 Statement | None]:
-    """The statements that apply `changes` (keys from UPDATABLE, else ValueError), to run in
-    one transaction in this order: the record of an access change, then the update; None
-    for one that has nothing to do.
-
-    The record, for the resume rule: when what the user's stream carries changes (its tenant
-    or scopes), no Last-Event-ID up to the newest id proves anything (see RESUME_PROOF). It
-    sets access_changed_at only when a value really differs."""
+    For the resume rule: when what the user's stream carries changes, no Last-Event-ID up to
+    the newest id proves anything (see RESUME_PROOF), so access_changed_at becomes the newest
+    id, in the same statement, only when a value really differs (SET sees the old row)."""
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
     values = {column: column_value(column, value) for column, value in changes.items()}
-    access = {c: v for c, v in values.items() if c in ("tenant_name", "scopes")}
-    record = update = None
-    if access:
-        differs = " OR ".join(f"{c} <> ${n}" for n, c in enumerate(access, start=2))
-        query = f"UPDATE users SET access_changed_at = ({NEWEST_ID}) WHERE username = $1"
-        record = (f"{query} AND ({differs})", [username, *access.values()])
-    if values:
-        assignments = ", ".join(f"{c} = ${n}" for n, c in enumerate(values, start=2))
-        update = (f"UPDATE users SET {assignments} WHERE username = $1",
-                  [username, *values.values()])
-    return record, update
+    if not values:
+        return None
+    assignments = [f"{column} = ${n}" for n, column in enumerate(values, start=2)]
+    differs = [f"{column} <> ${n}" for n, column in enumerate(values, start=2)
+               if column in ("tenant_name", "scopes")]
+    if differs:
+        assignments.append(f"access_changed_at = CASE WHEN {' OR '.join(differs)} "
+                           f"THEN ({NEWEST_ID}) ELSE access_changed_at END")
+    return (f"UPDATE users SET {', '.join(assignments)} WHERE username = $1",
+            [username, *values.values()], bool(differs))
 
 
 def plan_prune(rows: list, older_than: int,
@@ -539,10 +525,11 @@ def plan_prune(rows: list, older_than: int,
     return doomed, uptos, cursor if len(rows) == batch * PRUNE_SCAN_BATCHES else None
 
 
-def id_floor(issued: int, earlier: int) -> tuple[int, tuple[int, int] | None]:
-    """The smallest id this run may issue, given the largest id issued so far and the end of
-    the latest recorded gap (EARLIER_FLOOR): the clock in microseconds, unless the log or a
-    gap is ahead of it; and the gap to record (RECORD_GAP), ids skipped as never issued.
+def id_floor(issued: int, earlier: int, now: int) -> tuple[int, tuple[int, int] | None]:
+    """The smallest id this run may issue, given the largest id issued so far, the end of
+    the latest recorded gap (EARLIER_FLOOR) and the clock in microseconds: the clock, unless
+    the log or a gap is ahead of it; and the gap to record (RECORD_GAP), ids skipped as never
+    issued.
 
     Why: after a restore from a backup (or a fresh database), the log may be behind ids that
     clients have already seen, from a history that is lost. Since every run starts its ids
@@ -551,7 +538,7 @@ def id_floor(issued: int, earlier: int) -> tuple[int, tuple[int, int] | None]:
     Not below an earlier gap either (a clock set back, a log copied from a machine ahead):
     ids inside a recorded gap could never be resumed. 16 digits today; JavaScript numbers
     hold them exactly until the year 2255."""
-    floor = max(issued + 1, earlier, time.time_ns() // 1000)
+    floor = max(issued + 1, earlier, now)
     return floor, (issued, floor) if floor > issued + 1 else None
 
 
@@ -579,15 +566,13 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+@dataclass(slots=True)
 class _Job:
     """One write queued for the writer thread; `run` gets the connection, returns a result."""
 
-    __slots__ = ("future", "result", "run")
-
-    def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future) -> None:
-        self.run = run
-        self.future = future
-        self.result: Any = None
+    run: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future
+    result: Any = None
 
 
 class Store(SqlEngine):
@@ -617,15 +602,10 @@ class Store(SqlEngine):
         """Create or check the database. Raises StoreError when it is corrupt or unreadable,
         rather than silently starting over with an empty one."""
         store = cls(path, on_commit, max_event_names, max_tenant_bytes)
-        try:
-            store.lock_fd = _lock_for_this_process(path)
-        except BaseException:
-            store.readers.shutdown()
-            raise
+        store.lock_fd = _lock_for_this_process(path)  # the read threads start at the first read
         try:
             store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
-            store.readers.shutdown()
             os.close(store.lock_fd)
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, name="store-write",
@@ -649,7 +629,7 @@ class Store(SqlEngine):
             conn.execute(COUNT_USAGE)
             self.published.upto = conn.execute(NEWEST_ID).fetchone()[0]
             earlier = conn.execute(EARLIER_FLOOR).fetchone()[0]
-            self.id_floor, gap = id_floor(self.published.upto, earlier)
+            self.id_floor, gap = id_floor(self.published.upto, earlier, time.time_ns() // 1000)
             if gap:
                 conn.execute(RECORD_GAP, _named(*gap))
         except BaseException:
@@ -753,22 +733,13 @@ class Store(SqlEngine):
     async def _rows(self, query: str, *args: Any) -> list[tuple]:
         return await self._read(lambda conn: conn.execute(query, _named(*args)).fetchall())
 
-    async def _snapshot(self, *reads: tuple[str, tuple]) -> list[list[tuple]]:
-        def run(conn: sqlite3.Connection) -> list[list[tuple]]:
-            conn.execute("BEGIN")
-            try:
-                return [conn.execute(query, _named(*args)).fetchall() for query, args in reads]
-            finally:
-                conn.execute("COMMIT")
-        return await self._read(run)
-
     # -- users and events ---------------------------------------------------------------
     async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
-        statements = [s for s in plan_update(username, changes) if s]
+        plan = plan_update(username, changes)
 
         def run(conn: sqlite3.Connection) -> tuple | None:
-            for query, args in statements:
-                conn.execute(query, _named(*args))
+            if plan:
+                conn.execute(plan[0], _named(*plan[1]))
             return conn.execute(USER_BY_NAME, _named(username)).fetchone()
         row = await self._write(run)
         return user_from_row(row) if row else None

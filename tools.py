@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Event, StoreError, is_postgres_url, open_store, shown_db
+from store import Engine, Event, StoreError, is_postgres_url, open_store, shown_db
 
 BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default page size)
 
@@ -155,15 +155,9 @@ async def copy_database(source: str, target: str) -> dict[str, int]:
 
 
 async def _copy(source: str, target: str) -> dict[str, int]:
-    try:
-        from_store = await open_store(source, _ignore)
-    except StoreError as exc:
-        raise ToolError(f"source: {exc}") from None
-    try:
-        try:
-            to_store = await open_store(target, _ignore)
-        except StoreError as exc:
-            raise ToolError(f"target: {exc}") from None
+    async with contextlib.AsyncExitStack() as opened:
+        from_store = await _open(source, "source", opened)
+        to_store = await _open(target, "target", opened)
         try:
             counts = await to_store.table_counts()
             # Every open records a gap of its own (import_tables replaces it): not content.
@@ -178,10 +172,16 @@ async def _copy(source: str, target: str) -> dict[str, int]:
             return got
         except StoreError as exc:
             raise ToolError(str(exc)) from None
-        finally:
-            await to_store.close()
-    finally:
-        await from_store.close()
+
+
+async def _open(db: str, role: str, opened: contextlib.AsyncExitStack) -> Engine:
+    """Open one database of the copy; it is closed when `opened` ends."""
+    try:
+        engine = await open_store(db, _ignore)
+    except StoreError as exc:
+        raise ToolError(f"{role}: {exc}") from None
+    opened.push_async_callback(engine.close)
+    return engine
 
 
 def _ignore(events: list[Event]) -> None:

@@ -1,6 +1,6 @@
 """Both engines keep the one storage contract (issue 19): every method and attribute of
-store.Engine exists on store.Store and pgstore.PgStore with the same signature, and a
-coroutine in the contract is a coroutine in each engine (mypy checks the types too: see
+store.Engine exists on store.Store and pgstore.PgStore with the same signature, a
+coroutine in the contract is a coroutine in each engine, and an open engine has them all (mypy checks the types too: see
 pyproject.toml)."""
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def test_each_engine_has_the_contracts_signatures(engine: type, name: str) -> No
     assert kept is not None, f"{engine.__name__} has no {name}"
     assert inspect.signature(kept) == inspect.signature(promised), name
     assert inspect.iscoroutinefunction(kept) == inspect.iscoroutinefunction(promised), name
-    assert inspect.isasyncgenfunction(kept) == inspect.isasyncgenfunction(promised), name
+    # What the contract promises as an async iterator may come from an async generator.
+    iterates = inspect.signature(promised).return_annotation == "PageOfTables"
+    assert inspect.isasyncgenfunction(kept) <= iterates, name
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
