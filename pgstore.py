@@ -129,7 +129,7 @@ END $$"""
 INSERT_EVENTS = "SELECT * FROM broker_insert_events($1, $2, $3, $4, $5, $6, $7, $8)"
 EVENTS_SINCE = f"SELECT {store.EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # The proof (store.RESUME_PROOF: tenant $1, id $2, user $3), the newest id and the first
-# page after $2 (up to $4 events, until their data reach $5 bytes), all in one statement
+# page after $2 (up to $4 events, until their data reach $5 > 0 bytes), all in one statement
 # (one snapshot): one row of NULL events when there are none. octet_length reads a stored
 # value's size without loading it.
 RESUME_PAGE = f"""
@@ -380,7 +380,7 @@ class PgStore(store.SqlEngine):
         """As store.Engine.resume_page: the proof and the page in one statement
         (RESUME_PAGE), so in one snapshot."""
         rows = await self._run(lambda conn: conn.fetch(RESUME_PAGE, tenant_name, after_id,
-                                                       username, limit, max_bytes))
+                                                       username, limit, max(max_bytes, 1)))
         if not rows[0][0]:
             return None
         return [Event(*row[2:]) for row in rows if row[2] is not None], rows[0][1]

@@ -778,9 +778,10 @@ class Store(SqlEngine):
                                       _named(tenant_name, after_id, username)).fetchone()[0]
                 if not proven:
                     return None
-                page, size = [], 0
+                page: list[Event] = []
+                size = 0
                 rows = conn.execute(EVENTS_AFTER, _named(tenant_name, after_id, limit))
-                while size < max_bytes and (row := rows.fetchone()):
+                while (size < max_bytes or not page) and (row := rows.fetchone()):
                     page.append(Event(*row))
                     size += len(row[3])
                 rows.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -41,8 +42,7 @@ def test_each_engine_has_the_contracts_signatures(engine: type, name: str) -> No
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_an_open_engine_has_every_member_and_a_watermark_at_the_newest_id(engine, request,
                                                                            tmp_path) -> None:
-    db = str(tmp_path / "broker.db") if engine == "sqlite" else \
-        request.getfixturevalue("postgres").new_database()
+    db = engine_database(engine, request, tmp_path)
 
     async def check() -> None:
         published: list[int] = []
@@ -63,4 +63,46 @@ def test_an_open_engine_has_every_member_and_a_watermark_at_the_newest_id(engine
             assert reopened.published.upto == first.id
         finally:
             await reopened.close()
+    asyncio.run(check())
+
+
+def engine_database(engine: str, request, tmp_path) -> str:
+    if engine == "sqlite":
+        return str(tmp_path / "broker.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_resume_pages_stop_at_max_bytes_and_prune_reports_its_horizons(engine, request,
+                                                                       tmp_path) -> None:
+    db = engine_database(engine, request, tmp_path)
+
+    async def check() -> None:
+        opened = await store.open_store(db, lambda events: None)
+        try:
+            data = '"' + "x" * 98 + '"'  # 100 bytes
+            events = [await opened.insert_event("t", f"e{i % 2}", data) for i in range(5)]
+            ids = [event.id for event in events]
+
+            async def page(limit: int, max_bytes: int) -> list[int]:
+                found = await opened.resume_page("nobody", "t", 0, limit, max_bytes)
+                assert found is not None and found[1] == ids[-1]
+                return [event.id for event in found[0]]
+            assert await page(10, 250) == ids[:3]  # stops once the data reach 250 bytes
+            assert await page(10, 300) == ids[:3]
+            assert await page(10, 301) == ids[:4]
+            assert await page(10, 0) == ids[:1]  # at least one
+            assert await page(2, 10**6) == ids[:2]
+            # e0 is ids 0, 2, 4 and e1 is 1, 3: all but the newest of each are deleted.
+            pruned = await opened.prune(int(time.time()) + 10, batch=2)
+            assert (pruned.deleted, pruned.horizons, pruned.more) == (2, {"t": ids[1]}, True)
+            pruned = await opened.prune(int(time.time()) + 10, batch=2)
+            assert (pruned.deleted, pruned.horizons, pruned.more) == (1, {"t": ids[2]}, False)
+            latest, recent, newest, horizon = await opened.tenant_state("t", 10)
+            assert [e.id for e in latest] == [ids[3], ids[4]] == [e.id for e in recent]
+            assert (newest, horizon) == (ids[-1], ids[2])
+            pruned = await opened.prune(int(time.time()) + 10, batch=2)
+            assert (pruned.deleted, pruned.horizons, pruned.more) == (0, {}, False)
+        finally:
+            await opened.close()
     asyncio.run(check())
