@@ -18,6 +18,7 @@ run beside the writer). The event loop only ever waits on futures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -84,15 +85,9 @@ EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
 MAX_BATCH = 512  # requests sharing one transaction at most
 # Every table and its columns, in the order `broker migrate` copies them from one engine to
 # another (export_tables / import_tables); a new table or column must be added here.
-TABLES = {
-    "users": USER_ROW,
-    "events": EVENT_COLUMNS,
-    "latest": "tenant_name, event, event_id",
-    "settings": "key, value",
-    "id_gaps": "after_id, before_id",
-    "pruned": "tenant_name, upto",
-    "tenant_usage": "tenant_name, names, bytes",
-}
+TABLES = {"users": USER_ROW, "events": EVENT_COLUMNS, "latest": "tenant_name, event, event_id",
+          "settings": "key, value", "id_gaps": "after_id, before_id",
+          "pruned": "tenant_name, upto", "tenant_usage": "tenant_name, names, bytes"}
 EXPORT_PAGE = 5000  # events per page of a copy
 PRUNE_SCAN_BATCHES = 4  # one prune call examines at most this many batches' worth of rows
 
@@ -163,9 +158,8 @@ class Watermark:
         if self.waiters:
             ready = [future for wanted, future in self.waiters if wanted <= upto]
             self.waiters = [(wanted, future) for wanted, future in self.waiters if wanted > upto]
-            for future in ready:
-                if not future.done():  # a waiter that gave up (a timeout) is cancelled
-                    future.set_result(None)
+            for future in ready:  # a waiter that gave up (a timeout) is cancelled: skipped
+                settle(future, None)
 
     async def reached(self, upto: int) -> None:
         """Return once `self.upto >= upto`."""
@@ -321,25 +315,28 @@ COUNT_USAGE = """
     FROM latest l JOIN events e ON e.id = l.event_id
     WHERE NOT EXISTS (SELECT 1 FROM tenant_usage) GROUP BY l.tenant_name"""
 # The insert's statements, with :named parameters: SQLite binds them, PostgreSQL's insert
-# function puts its variables in their place (pgstore.INSERT_FUNCTION).
+# functions put their expressions in their place (pgstore.INSERT_FUNCTIONS).
 #
+# The size of the value that an insert of :event in :tenant replaces (no row: a new name).
+OLD_SIZE = """SELECT length(l.event) + length(e.data) AS old FROM latest l JOIN events e
+              ON e.id = l.event_id WHERE l.tenant_name = :tenant AND l.event = :event"""
 # The quota rule (QuotaExceeded) for one insert of a value of :size: which limit refuses it
 # ('names' or 'bytes') or NULL, and the size of the value it replaces (NULL: a new name).
-QUOTA_CHECK = """
+QUOTA_CHECK = f"""
     SELECT CASE WHEN old IS NULL AND :max_names > 0 AND names >= :max_names THEN 'names'
                 WHEN :max_bytes > 0 AND :size > coalesce(old, 0)
                      AND bytes - coalesce(old, 0) + :size > :max_bytes THEN 'bytes' END,
            old
-    FROM (SELECT (SELECT length(l.event) + length(e.data) FROM latest l
-                  JOIN events e ON e.id = l.event_id
-                  WHERE l.tenant_name = :tenant AND l.event = :event) AS old,
-                 coalesce(u.names, 0) AS names, coalesce(u.bytes, 0) AS bytes
+    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names,
+                 coalesce(u.bytes, 0) AS bytes
           FROM (SELECT 1) one LEFT JOIN tenant_usage u ON u.tenant_name = :tenant) counts"""
-# After an insert the check allowed: :names is 1 for a new name, :bytes the size it adds.
-ADD_USAGE = """
+# After inserts the check allowed: the names they add and the bytes (the new value's size
+# minus the replaced one's).
+ADD_USAGE_TO = """ON CONFLICT (tenant_name) DO UPDATE SET
+    names = tenant_usage.names + excluded.names, bytes = tenant_usage.bytes + excluded.bytes"""
+ADD_USAGE = f"""
     INSERT INTO tenant_usage (tenant_name, names, bytes) VALUES (:tenant, :names, :bytes)
-    ON CONFLICT (tenant_name) DO UPDATE SET names = tenant_usage.names + excluded.names,
-                                            bytes = tenant_usage.bytes + excluded.bytes"""
+    {ADD_USAGE_TO}"""
 UPSERT_LATEST = """
     INSERT INTO latest (tenant_name, event, event_id) VALUES (:tenant, :event, :id)
     ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id"""
@@ -369,10 +366,9 @@ class SqlEngine:
 
     async def setting_or_default(self, key: str, default: str) -> str:
         # A no-op update, so that the row is returned when it exists already.
-        rows = await self._change("INSERT INTO settings (key, value) VALUES ($1, $2) "
-                                  "ON CONFLICT (key) DO UPDATE SET value = settings.value "
-                                  "RETURNING value", key, default)
-        return rows[0][0]
+        return (await self._change("INSERT INTO settings (key, value) VALUES ($1, $2) "
+                                   "ON CONFLICT (key) DO UPDATE SET value = settings.value "
+                                   "RETURNING value", key, default))[0][0]
 
     async def create_user(self, user: User) -> None:
         values = [user.id, user.username, *(column_value(c, getattr(user, c)) for c in UPDATABLE)]
@@ -390,6 +386,13 @@ class SqlEngine:
     async def list_users(self) -> list[User]:
         rows = await self._rows(f"SELECT {USER_ROW} FROM users ORDER BY {self.users_order}")
         return [user_from_row(row) for row in rows]
+
+    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
+        plan = plan_update(username, changes)
+        if plan is None:
+            return await self.get_user(username)
+        rows = await self._change(f"{plan[0]} RETURNING {USER_ROW}", *plan[1])
+        return user_from_row(rows[0]) if rows else None
 
     async def replace_password_hash(self, username: str, old_hash: str,
                                     new_hash: str) -> User | None:
@@ -436,12 +439,10 @@ class SqlEngine:
         self.published.advance(events[-1].id)
 
     def quota_exceeded(self, tenant_name: str, limit: str) -> QuotaExceeded:
-        """The error for QUOTA_CHECK's answer `limit`."""
-        if limit == "names":
-            return QuotaExceeded(f"tenant {tenant_name!r} is at --max_event_names "
-                                 f"({self.max_event_names} names)")
-        return QuotaExceeded(f"tenant {tenant_name!r} would pass --max_tenant_bytes "
-                             f"({self.max_tenant_bytes} bytes of newest values)")
+        """The error for QUOTA_CHECK's answer `limit` ('names' or 'bytes')."""
+        flag = "max_event_names" if limit == "names" else "max_tenant_bytes"
+        limited = f"--{flag} ({getattr(self, flag)} {limit})"
+        return QuotaExceeded(f"tenant {tenant_name!r} is at {limited}")
 
 
 # -- the rules, as pure functions -------------------------------------------------------------
@@ -591,7 +592,6 @@ class Store(SqlEngine):
         self.local = threading.local()
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="store-read")
         self.writer: threading.Thread | None = None
-        self.writer_conn: sqlite3.Connection | None = None
         self.reader_conns: list[sqlite3.Connection] = []
         self.id_floor = 1  # the smallest id the next insert may take (see id_floor)
         self.lock_fd: int | None = None
@@ -604,12 +604,12 @@ class Store(SqlEngine):
         store = cls(path, on_commit, max_event_names, max_tenant_bytes)
         store.lock_fd = _lock_for_this_process(path)  # the read threads start at the first read
         try:
-            store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
+            writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
             os.close(store.lock_fd)
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
-        store.writer = threading.Thread(target=store._write_loop, name="store-write",
-                                        daemon=True)
+        store.writer = threading.Thread(target=store._write_loop, args=(writer_conn,),
+                                        name="store-write", daemon=True)
         store.writer.start()
         return store
 
@@ -657,9 +657,7 @@ class Store(SqlEngine):
         self.jobs.put(_Job(run, future))
         return await future
 
-    def _write_loop(self) -> None:
-        conn = self.writer_conn
-        assert conn is not None
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -700,10 +698,8 @@ class Store(SqlEngine):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             return [], StoreError(str(exc))
         return events, None
 
@@ -734,37 +730,25 @@ class Store(SqlEngine):
         return await self._read(lambda conn: conn.execute(query, _named(*args)).fetchall())
 
     # -- users and events ---------------------------------------------------------------
-    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
-        plan = plan_update(username, changes)
-
-        def run(conn: sqlite3.Connection) -> tuple | None:
-            if plan:
-                conn.execute(plan[0], _named(*plan[1]))
-            return conn.execute(USER_BY_NAME, _named(username)).fetchone()
-        row = await self._write(run)
-        return user_from_row(row) if row else None
-
     async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
         """As Engine.insert_event; the quota check runs in the writer's transaction, so it
         sees the inserts of the same group commit before it."""
         size = len(event) + len(data)  # see QuotaExceeded
 
         def run(conn: sqlite3.Connection) -> Event:
-            refused, old = conn.execute(QUOTA_CHECK, {
-                "tenant": tenant_name, "event": event, "size": size,
-                "max_names": self.max_event_names, "max_bytes": self.max_tenant_bytes}).fetchone()
+            # One set of named arguments: each statement takes the ones it names.
+            args: dict[str, Any] = {
+                "tenant": tenant_name, "event": event, "data": data, "size": size,
+                "max_names": self.max_event_names, "max_bytes": self.max_tenant_bytes,
+                "floor": self.id_floor, "stamp": int(time.time())}
+            refused, old = conn.execute(QUOTA_CHECK, args).fetchone()
             if refused:
                 raise self.quota_exceeded(tenant_name, refused)
-            stamp = int(time.time())
-            event_id = conn.execute(INSERT_EVENT, {"floor": self.id_floor, "tenant": tenant_name,
-                                                   "event": event, "data": data,
-                                                   "stamp": stamp}).lastrowid
-            assert event_id is not None  # set by an INSERT
-            conn.execute(UPSERT_LATEST, {"tenant": tenant_name, "event": event,
-                                                "id": event_id})
-            conn.execute(ADD_USAGE, {"tenant": tenant_name, "names": int(old is None),
-                                            "bytes": size - (old or 0)})
-            return Event(event_id, tenant_name, event, data, stamp)
+            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, names=int(old is None),
+                        bytes=size - (old or 0))
+            conn.execute(UPSERT_LATEST, args)
+            conn.execute(ADD_USAGE, args)
+            return Event(args["id"], tenant_name, event, data, args["stamp"])
         return await self._write(run)
 
     async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,

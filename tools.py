@@ -24,19 +24,15 @@ BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default p
 # -- broker backup ----------------------------------------------------------------------------
 
 
-def db_option(parser: argparse.ArgumentParser) -> None:
-    """--db, with BROKER_DB and the default as for the server."""
-    parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
-                        help="the live database (default: $BROKER_DB, else broker.db)")
-
-
 def backup(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="broker backup",
         description="Write a consistent copy of a database, live or not, then check the "
                     "copy's integrity. The server keeps running and inserting meanwhile.")
     parser.add_argument("dest", metavar="DEST", help="the file to write (replaced if it exists)")
-    db_option(parser)
+    # --db, with BROKER_DB and the default as for the server.
+    parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
+                        help="the live database (default: $BROKER_DB, else broker.db)")
     args = parser.parse_args(argv)
     if is_postgres_url(args.db):
         print("broker backup: copies SQLite files; back up PostgreSQL with its own tools "
@@ -77,7 +73,10 @@ def backup_database(source: str, dest: str) -> int:
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             src.backup(copy, pages=BACKUP_STEP_PAGES)
-            check_integrity(copy)
+            problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("integrity check of the copy failed: "
+                                            + "; ".join(problems[:5]))
             pages = copy.execute("PRAGMA page_count").fetchone()[0]
         finally:
             copy.close()
@@ -96,13 +95,6 @@ def copy_mode(source: str) -> int:
     """The mode of a copy of the SQLite file `source`: the owner's bits of the source's, so
     never less strict than it, and never readable by others (whatever the umask)."""
     return os.stat(source).st_mode & 0o600
-
-
-def check_integrity(conn: sqlite3.Connection) -> None:
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-    if problems != ["ok"]:
-        raise sqlite3.DatabaseError("integrity check of the copy failed: "
-                                    + "; ".join(problems[:5]))
 
 
 class ToolError(Exception):
