@@ -43,16 +43,8 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import jwt
 
-from store import (
-    Engine,
-    Event,
-    StoreError,
-    User,
-    UsernameTaken,
-    is_postgres_url,
-    open_store,
-    shown_db,
-)
+import store
+from store import Engine, Event, QuotaExceeded, StoreError, User, UsernameTaken
 
 if TYPE_CHECKING:
     import argon2
@@ -126,6 +118,9 @@ OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
      "subscribers a fan-out writes to before it lets other work run"),
     ("max_inserts_per_second", int, 0,
      "inserts one user may make per second (a burst of as many, then 429); 0: no limit"),
+    ("max_event_names", int, 10000, "distinct event names one tenant may have; 0: no limit"),
+    ("max_tenant_bytes", int, 16 << 20,
+     "bytes of one tenant's newest values (each name's length + its data's); 0: no limit"),
 ]
 
 
@@ -157,13 +152,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and 8 * config.argon2_parallelism <= config.argon2_memory_kib <= 1 << 22):
         parser.error("Argon2 needs --argon2_time_cost >= 1, --argon2_parallelism 1-255 and "
                      "--argon2_memory_kib from 8 x parallelism to 4194304 (4 GiB)")
-    if config.reuse_port and not is_postgres_url(config.db):
+    if config.reuse_port and not store.is_postgres_url(config.db):
         parser.error("--reuse_port needs PostgreSQL (--db postgresql://...): one process "
                      "owns a SQLite file")
     if CONTROL_CHARS.search(config.origin):
         parser.error("--origin must not contain control characters")
-    if config.fanout_slice < 1 or config.max_inserts_per_second < 0:
-        parser.error("--fanout_slice must be at least 1, --max_inserts_per_second at least 0")
+    if config.fanout_slice < 1 or min(config.max_inserts_per_second, config.max_event_names,
+                                      config.max_tenant_bytes) < 0:
+        parser.error("--fanout_slice must be at least 1; --max_inserts_per_second, "
+                     "--max_event_names and --max_tenant_bytes 0 (no limit) or more")
     # An empty token is what `$(openssl rand ...)` gives when openssl is missing.
     if not config.admin_token.strip():
         parser.error("the admin token (--admin_token, BROKER_ADMIN_TOKEN) must not be empty")
@@ -1334,8 +1331,7 @@ def weak_password_checker() -> Callable[[str], str | None]:
     try:
         from zxcvbn import zxcvbn
     except ImportError:
-        raise SystemExit("--password_checker needs zxcvbn: from the checkout, "
-                         "pip install '.[passwords]'")
+        raise SystemExit("--password_checker needs zxcvbn: pip install '.[passwords]'")
 
     def check(password: str) -> str | None:
         result = zxcvbn(password[:256])  # zxcvbn is slow on long input; 256 chars suffice
@@ -1366,6 +1362,7 @@ class Metrics:
         self.slow_consumers_cut = 0
         self.user_streams_closed = 0
         self.state_evictions = 0
+        self.quota_refusals = 0
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
@@ -1391,6 +1388,7 @@ class Metrics:
             ("state_cache_tenants", "gauge", sum(t.held() for t in hub.tenants.values())),
             ("state_cache_evictions_total", "counter", self.state_evictions),
             ("insert_rate_refusals_total", "counter", app.auth.insert_rate.refusals),
+            ("quota_refusals_total", "counter", self.quota_refusals),
         ]
         lines = []
         for name, kind, value in samples:
@@ -1459,8 +1457,10 @@ class App:
         }
 
     async def start(self) -> None:
-        self.store = await open_store(self.config.db, lambda events: self.hub.publish(events),
-                                      self.account_changed)
+        self.store = await store.open_store(
+            self.config.db, lambda events: self.hub.publish(events), self.account_changed,
+            max_event_names=self.config.max_event_names,
+            max_tenant_bytes=self.config.max_tenant_bytes)
         self.hub = Hub(self.store, self.metrics, self.config)  # before anything is published
         secret = self.config.jwt_secret
         if not secret:
@@ -1570,7 +1570,11 @@ class App:
         self.auth.insert_rate.take(user.username)
         started = time.perf_counter()
         self.hub.writer.insert_seen = time.monotonic()  # its commit is near: Writer._pass_over
-        event = await self.store.insert_event(user.tenant_name, name, data)
+        try:
+            event = await self.store.insert_event(user.tenant_name, name, data)
+        except QuotaExceeded as exc:  # 409: retrying cannot help until the tenant changes
+            self.metrics.quota_refusals += 1
+            raise HTTPError(409, str(exc)) from None
         self.metrics.observe_insert(time.perf_counter() - started)
         return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
 
@@ -2067,7 +2071,7 @@ async def serve(config: argparse.Namespace) -> None:
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
     log.info("broker listening on %s:%d (%s, db %s)", config.host, port, scheme,
-             shown_db(config.db))
+             store.shown_db(config.db))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -1,18 +1,24 @@
-"""SQLite storage for broker: users, the insert-only event log, and settings.
+"""Storage for broker: users, the insert-only event log, settings, and per-tenant usage.
 
-Every SQL statement of the project lives in this file. broker.py sees only the `Store`
-class, whose coroutine methods are its whole interface, so another engine could stand in.
+Every SQL statement of the project lives here or in pgstore.py. broker.py and tools.py see
+only the `Engine` contract: `open_store` opens `Store` (SQLite, this file) for a path, or
+`pgstore.PgStore` (PostgreSQL) for a postgresql:// URL. What both engines do the same way is
+written once, here: the schema (pgstore adapts its types), the statements whose text both
+dialects accept ($1, $2... placeholders: asyncpg binds them by position, sqlite3 by name,
+see _named), the methods built on them (`SqlEngine`), and the rules as pure functions
+(plan_update, plan_prune, id_floor) or SQL (RESUME_PROOF, QUOTA_CHECK).
 
-Threads: one writer thread owns the only writing connection and commits in groups: every
-request queued while the previous commit was on disk goes into the next transaction, so
-durable (synchronous=FULL) writes do not cap throughput at one fsync per request. Reads run
-on a small pool of threads, each with its own read-only connection (WAL lets readers run
-beside the writer). The event loop only ever waits on futures.
+SQLite threads: one writer thread owns the only writing connection and commits in groups:
+every request queued while the previous commit was on disk goes into the next transaction,
+so durable (synchronous=FULL) writes do not cap throughput at one fsync per request. Reads
+run on a small pool of threads, each with its own read-only connection (WAL lets readers
+run beside the writer). The event loop only ever waits on futures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -27,12 +33,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+# SQLite's schema; pgstore.PG_SCHEMA is this with PostgreSQL's types. Besides users and the
+# event log: `latest`, the newest event id per (tenant, event name), kept in the insert's own
+# transaction, so the sync on connect reads one row per name instead of scanning the log;
+# `id_gaps`, ids this log never issued: every id strictly between after_id and before_id, one
+# row per open that found the log behind the clock (see id_floor); `pruned`, retention's
+# horizon per tenant: the newest id it deleted (events after it are all there);
+# `tenant_usage`, per tenant and kept in the insert's own transaction: its event names (rows
+# of `latest`) and the total size of their newest values, for the quotas (QUOTA_CHECK).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
+    revoked BOOLEAN NOT NULL DEFAULT false,
     tenant_name TEXT NOT NULL,
     email TEXT,
     scopes TEXT NOT NULL,              -- JSON array of strings
@@ -48,26 +62,15 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_name, id);
--- The newest event id per (tenant, event name), kept in the insert's own transaction, so
--- the sync on connect reads one row per name instead of scanning the log.
 CREATE TABLE IF NOT EXISTS latest (
-    tenant_name TEXT NOT NULL,
-    event TEXT NOT NULL,
-    event_id INTEGER NOT NULL,
-    PRIMARY KEY (tenant_name, event)
-) WITHOUT ROWID;
+    tenant_name TEXT NOT NULL, event TEXT NOT NULL, event_id INTEGER NOT NULL,
+    PRIMARY KEY (tenant_name, event)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Ids this log never issued: every id strictly between after_id and before_id. One row per
--- open that found the log behind the clock (see Store._open_writer).
-CREATE TABLE IF NOT EXISTS id_gaps (
-    after_id INTEGER PRIMARY KEY,
-    before_id INTEGER NOT NULL
-);
--- Retention's horizon per tenant: the newest id it deleted. Events after it are all there.
-CREATE TABLE IF NOT EXISTS pruned (
-    tenant_name TEXT PRIMARY KEY,
-    upto INTEGER NOT NULL
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS id_gaps (after_id INTEGER PRIMARY KEY, before_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pruned (tenant_name TEXT PRIMARY KEY, upto INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenant_usage (
+    tenant_name TEXT PRIMARY KEY, names INTEGER NOT NULL, bytes INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 log = logging.getLogger("broker.store")
@@ -78,18 +81,15 @@ USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes
 USER_ROW = USER_COLUMNS + ", access_changed_at"
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
+EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
 MAX_BATCH = 512  # requests sharing one transaction at most
 # Every table and its columns, in the order `broker migrate` copies them from one engine to
 # another (export_tables / import_tables); a new table or column must be added here.
-TABLES = {
-    "users": USER_COLUMNS + ", access_changed_at",
-    "events": "id, tenant_name, event, data, timestamp",
-    "latest": "tenant_name, event, event_id",
-    "settings": "key, value",
-    "id_gaps": "after_id, before_id",
-    "pruned": "tenant_name, upto",
-}
+TABLES = {"users": USER_ROW, "events": EVENT_COLUMNS, "latest": "tenant_name, event, event_id",
+          "settings": "key, value", "id_gaps": "after_id, before_id",
+          "pruned": "tenant_name, upto", "tenant_usage": "tenant_name, names, bytes"}
 EXPORT_PAGE = 5000  # events per page of a copy
+PRUNE_SCAN_BATCHES = 4  # one prune call examines at most this many batches' worth of rows
 
 
 class StoreError(Exception):
@@ -101,8 +101,14 @@ class UsernameTaken(Exception):
 
 
 class QuotaExceeded(Exception):
-    """An insert would take its tenant past --max_event_names or --max_tenant_bytes; the
-    message names the limit. Nothing was stored."""
+    """An insert would take its tenant past --max_event_names (distinct event names) or
+    --max_tenant_bytes (the total size of the newest value of each name; a value's size is
+    the length of its event name plus that of its data, compact ASCII JSON: characters, as
+    len() and SQL's length() count them). The message names the limit. Nothing was stored or
+    delivered. Only growth is refused: a new name when the tenant has max_event_names
+    already, or a value that would raise the total above max_tenant_bytes; so a tenant
+    already over a limit (a lowered one) keeps working within what it has. The rule is
+    QUOTA_CHECK, checked in the insert's own transaction."""
 
 
 @dataclass(slots=True)
@@ -152,9 +158,8 @@ class Watermark:
         if self.waiters:
             ready = [future for wanted, future in self.waiters if wanted <= upto]
             self.waiters = [(wanted, future) for wanted, future in self.waiters if wanted > upto]
-            for future in ready:
-                if not future.done():  # a waiter that gave up (a timeout) is cancelled
-                    future.set_result(None)
+            for future in ready:  # a waiter that gave up (a timeout) is cancelled: skipped
+                settle(future, None)
 
     async def reached(self, upto: int) -> None:
         """Return once `self.upto >= upto`."""
@@ -162,12 +167,6 @@ class Watermark:
             future = asyncio.get_running_loop().create_future()
             self.waiters.append((upto, future))
             await future
-
-
-def _user(row: tuple) -> User:
-    uid, username, pw_hash, revoked, tenant, email, scopes, data, valid_after, changed = row
-    return User(uid, username, pw_hash, bool(revoked), tenant, email, json.loads(scopes),
-                None if data is None else json.loads(data), valid_after, changed)
 
 
 CommitHook = Callable[[list[Event]], None]
@@ -267,6 +266,293 @@ class Engine(Protocol):
         kept; new events get ids above them."""
 
 
+# -- statements both dialects run as they are ------------------------------------------------
+
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
+USER_BY_NAME = f"SELECT {USER_ROW} FROM users WHERE username = $1"
+# Whether the log proves that a client of user $3 holding id $2 has seen all of tenant $1 up
+# to it: the id was issued here (not newer than the newest, not in a gap of ids never issued:
+# a restored backup, another database), the events after it were not pruned, the user's
+# tenant or scopes did not change at or after it, and it is not the id of another tenant's
+# event (which only a stream of that tenant could have sent). An SQL expression.
+RESUME_PROOF = f"""
+    $2 <= ({NEWEST_ID})
+    AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < $2
+                  ORDER BY after_id DESC LIMIT 1), 0) <= $2
+    AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
+    AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
+    AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
+# A tenant's state in ONE statement, so from one snapshot: a first row (kind 0) with the newest
+# id of the log and tenant $1's pruned horizon, then (kind 1) the newest event of each of its
+# names, then (kind 2) its $2 newest events, each oldest first.
+TENANT_STATE = f"""
+    SELECT 0, ({NEWEST_ID}), NULL, NULL, NULL,
+           (SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1)
+    UNION ALL SELECT 1, e.id, e.tenant_name, e.event, e.data, e.timestamp
+              FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1
+    UNION ALL SELECT 2, * FROM (SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1
+                                ORDER BY id DESC LIMIT $2) recent
+    ORDER BY 1, 2"""
+# Retention: up to $2 events after $1 in id order, and whether each is the newest of its name.
+PRUNE_SCAN = """
+    SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e LEFT JOIN
+    latest l ON l.tenant_name = e.tenant_name AND l.event = e.event AND l.event_id = e.id
+    WHERE e.id > $1 ORDER BY e.id LIMIT $2"""
+# A row when it raised tenant $1's horizon to $2.
+RAISE_HORIZON = """
+    INSERT INTO pruned (tenant_name, upto) VALUES ($1, $2)
+    ON CONFLICT (tenant_name) DO UPDATE SET upto = excluded.upto
+    WHERE excluded.upto > pruned.upto RETURNING upto"""
+EARLIER_FLOOR = "SELECT coalesce(max(before_id), 0) FROM id_gaps"
+RECORD_GAP = """
+    INSERT INTO id_gaps (after_id, before_id) VALUES ($1, $2)
+    ON CONFLICT (after_id) DO UPDATE SET before_id = excluded.before_id
+    WHERE excluded.before_id > id_gaps.before_id"""
+# Usage of databases made before tenant_usage: counted once, at the open that creates it.
+COUNT_USAGE = """
+    INSERT INTO tenant_usage (tenant_name, names, bytes)
+    SELECT l.tenant_name, count(*), sum(length(l.event) + length(e.data))
+    FROM latest l JOIN events e ON e.id = l.event_id
+    WHERE NOT EXISTS (SELECT 1 FROM tenant_usage) GROUP BY l.tenant_name"""
+# The insert's statements, with :named parameters: SQLite binds them, PostgreSQL's insert
+# functions put their expressions in their place (pgstore.INSERT_FUNCTIONS).
+#
+# The size of the value that an insert of :event in :tenant replaces (no row: a new name).
+OLD_SIZE = """SELECT length(l.event) + length(e.data) AS old FROM latest l JOIN events e
+              ON e.id = l.event_id WHERE l.tenant_name = :tenant AND l.event = :event"""
+# The quota rule (QuotaExceeded) for one insert of a value of :size: which limit refuses it
+# ('names' or 'bytes') or NULL, and the size of the value it replaces (NULL: a new name).
+QUOTA_CHECK = f"""
+    SELECT CASE WHEN old IS NULL AND :max_names > 0 AND names >= :max_names THEN 'names'
+                WHEN :max_bytes > 0 AND :size > coalesce(old, 0)
+                     AND bytes - coalesce(old, 0) + :size > :max_bytes THEN 'bytes' END,
+           old
+    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names,
+                 coalesce(u.bytes, 0) AS bytes
+          FROM (SELECT 1) one LEFT JOIN tenant_usage u ON u.tenant_name = :tenant) counts"""
+# After inserts the check allowed: the names they add and the bytes (the new value's size
+# minus the replaced one's).
+ADD_USAGE_TO = """ON CONFLICT (tenant_name) DO UPDATE SET
+    names = tenant_usage.names + excluded.names, bytes = tenant_usage.bytes + excluded.bytes"""
+ADD_USAGE = f"""
+    INSERT INTO tenant_usage (tenant_name, names, bytes) VALUES (:tenant, :names, :bytes)
+    {ADD_USAGE_TO}"""
+UPSERT_LATEST = """
+    INSERT INTO latest (tenant_name, event, event_id) VALUES (:tenant, :event, :id)
+    ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id"""
+
+
+class SqlEngine:
+    """What both engines do with the same statements, over each one's `_rows` (one
+    statement, read) and `_change` (one statement, written and committed). The other
+    methods of Engine are each engine's own."""
+
+    unique_violation: type[Exception]  # what the engine raises for a taken username
+    users_order: str  # the column that orders users by creation
+
+    def __init__(self, on_commit: CommitHook, max_event_names: int,
+                 max_tenant_bytes: int) -> None:
+        self.on_commit = on_commit
+        self.published = Watermark()
+        self.prune_after = 0  # where the next prune call of a sweep continues
+        self.max_event_names = max_event_names
+        self.max_tenant_bytes = max_tenant_bytes
+        self.loop = asyncio.get_running_loop()
+
+    # The engine's: the rows of one statement with $1, $2... placeholders, read, or written
+    # and committed.
+    _rows: Callable[..., Awaitable[list[tuple]]]
+    _change: Callable[..., Awaitable[list[tuple]]]
+
+    async def setting_or_default(self, key: str, default: str) -> str:
+        # A no-op update, so that the row is returned when it exists already.
+        return (await self._change("INSERT INTO settings (key, value) VALUES ($1, $2) "
+                                   "ON CONFLICT (key) DO UPDATE SET value = settings.value "
+                                   "RETURNING value", key, default))[0][0]
+
+    async def create_user(self, user: User) -> None:
+        values = [user.id, user.username, *(column_value(c, getattr(user, c)) for c in UPDATABLE)]
+        marks = ", ".join(f"${n}" for n in range(1, len(values) + 1))
+        try:
+            await self._change(f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
+                               f"VALUES ({marks})", *values)
+        except self.unique_violation:
+            raise UsernameTaken(user.username) from None
+
+    async def get_user(self, username: str) -> User | None:
+        rows = await self._rows(USER_BY_NAME, username)
+        return user_from_row(rows[0]) if rows else None
+
+    async def list_users(self) -> list[User]:
+        rows = await self._rows(f"SELECT {USER_ROW} FROM users ORDER BY {self.users_order}")
+        return [user_from_row(row) for row in rows]
+
+    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
+        plan = plan_update(username, changes)
+        if plan is None:
+            return await self.get_user(username)
+        rows = await self._change(f"{plan[0]} RETURNING {USER_ROW}", *plan[1])
+        return user_from_row(rows[0]) if rows else None
+
+    async def replace_password_hash(self, username: str, old_hash: str,
+                                    new_hash: str) -> User | None:
+        # No account notice on PostgreSQL: the old hash, cached elsewhere, verifies the same
+        # password.
+        rows = await self._change("UPDATE users SET password_hash = $3 WHERE username = $1 "
+                                  f"AND password_hash = $2 RETURNING {USER_ROW}",
+                                  username, old_hash, new_hash)
+        return user_from_row(rows[0]) if rows else None
+
+    async def newest_event_id(self) -> int:
+        return (await self._rows(NEWEST_ID))[0][0]
+
+    async def tenant_state(self, tenant_name: str,
+                           recent: int) -> tuple[list[Event], list[Event], int, int]:
+        rows = await self._rows(TENANT_STATE, tenant_name, recent)
+        latest, newest = ([Event(*row[1:]) for row in rows if row[0] == kind] for kind in (1, 2))
+        return latest, newest, rows[0][1], rows[0][5]
+
+    async def table_counts(self) -> dict[str, int]:
+        return {table: (await self._rows(f"SELECT count(*) FROM {table}"))[0][0]
+                for table in TABLES}
+
+    async def export_tables(self) -> PageOfTables:
+        for table, columns in TABLES.items():
+            if table != "events":
+                order = self.users_order if table == "users" else "1, 2"
+                yield table, await self._rows(f"SELECT {columns} FROM {table} ORDER BY {order}")
+                continue
+            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+            while page := await self._rows(query, after, EXPORT_PAGE):
+                yield table, page
+                after = page[-1][0]
+
+    def _publish(self, events: list[Event]) -> None:
+        """Hand committed events to on_commit (the next ones after `published`, in id
+        order), then advance `published`."""
+        if not events:
+            return
+        try:
+            self.on_commit(events)
+        except Exception:  # keep delivering, and answer the inserting requests
+            log.exception("publishing committed events failed")
+        self.published.advance(events[-1].id)
+
+    def quota_exceeded(self, tenant_name: str, limit: str) -> QuotaExceeded:
+        """The error for QUOTA_CHECK's answer `limit` ('names' or 'bytes')."""
+        flag = "max_event_names" if limit == "names" else "max_tenant_bytes"
+        limited = f"--{flag} ({getattr(self, flag)} {limit})"
+        return QuotaExceeded(f"tenant {tenant_name!r} is at {limited}")
+
+
+# -- the rules, as pure functions -------------------------------------------------------------
+
+def settle(future: asyncio.Future, outcome: Any) -> None:
+    """Answer a request's future with its outcome, an exception or a result (unless the
+    request was cancelled: its client went away)."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _named(*args: Any) -> dict[str, Any]:
+    """Arguments for a statement with $1, $2... placeholders, as sqlite3 binds them."""
+    return {str(number): arg for number, arg in enumerate(args, start=1)}
+
+
+def column_value(column: str, value: Any) -> Any:
+    """A User field as stored (revoked stays a bool: SQLite stores it as 1 or 0)."""
+    if column == "scopes" or (column == "data" and value is not None):
+        return json.dumps(value)
+    return value
+
+
+def user_from_row(row: Any) -> User:
+    """A user from a row of USER_ROW's columns (revoked: 0/1 from SQLite, a bool from
+    PostgreSQL)."""
+    uid, username, pw_hash, revoked, tenant, email, scopes, data, valid_after, changed = row
+    return User(uid, username, pw_hash, bool(revoked), tenant, email, json.loads(scopes),
+                None if data is None else json.loads(data), valid_after, changed)
+
+
+def plan_update(username: str, changes: dict[str, Any]) -> tuple[str, list[Any], bool] | None:
+    """The statement that applies `changes` (keys from UPDATABLE, else ValueError) to the
+    user, its arguments, and whether it may change the user's access (tenant or scopes);
+    None when there is nothing to change.
+
+    For the resume rule: when what the user's stream carries changes, no Last-Event-ID up to
+    the newest id proves anything (see RESUME_PROOF), so access_changed_at becomes the newest
+    id, in the same statement, only when a value really differs (SET sees the old row)."""
+    unknown = set(changes) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    values = {column: column_value(column, value) for column, value in changes.items()}
+    if not values:
+        return None
+    assignments = [f"{column} = ${n}" for n, column in enumerate(values, start=2)]
+    differs = [f"{column} <> ${n}" for n, column in enumerate(values, start=2)
+               if column in ("tenant_name", "scopes")]
+    if differs:
+        assignments.append(f"access_changed_at = CASE WHEN {' OR '.join(differs)} "
+                           f"THEN ({NEWEST_ID}) ELSE access_changed_at END")
+    return (f"UPDATE users SET {', '.join(assignments)} WHERE username = $1",
+            [username, *values.values()], bool(differs))
+
+
+def plan_prune(rows: list, older_than: int,
+               batch: int) -> tuple[list[int], dict[str, int], int | None]:
+    """Which of PRUNE_SCAN's rows (id, tenant, timestamp, is the newest of its name) one
+    prune call deletes: the old ones that are not the newest of their name, up to `batch`,
+    stopping at the first young one (ids follow time). Returns their ids, the largest id
+    deleted per tenant, and the id to continue after, or None when the sweep is done.
+
+    Why a cursor: the kept newest values stay at the log's start; a scan from the start in
+    every call would pass them all again, and with many names hold the writer for long."""
+    doomed: list[int] = []
+    uptos: dict[str, int] = {}
+    cursor = None
+    for event_id, tenant, stamp, is_latest in rows:
+        if stamp >= older_than:
+            return doomed, uptos, None
+        if not is_latest:
+            doomed.append(event_id)
+            uptos[tenant] = event_id
+        cursor = event_id
+        if len(doomed) == batch:
+            return doomed, uptos, cursor
+    return doomed, uptos, cursor if len(rows) == batch * PRUNE_SCAN_BATCHES else None
+
+
+def id_floor(issued: int, earlier: int, now: int) -> tuple[int, tuple[int, int] | None]:
+    """The smallest id this run may issue, given the largest id issued so far, the end of
+    the latest recorded gap (EARLIER_FLOOR) and the clock in microseconds: the clock, unless
+    the log or a gap is ahead of it; and the gap to record (RECORD_GAP), ids skipped as never
+    issued.
+
+    Why: after a restore from a backup (or a fresh database), the log may be behind ids that
+    clients have already seen, from a history that is lost. Since every run starts its ids
+    at the clock, such ids fall into a recorded gap (or beyond the newest), and those
+    clients are sent the latest values instead of a replay that would skip what changed.
+    Not below an earlier gap either (a clock set back, a log copied from a machine ahead):
+    ids inside a recorded gap could never be resumed. 16 digits today; JavaScript numbers
+    hold them exactly until the year 2255."""
+    floor = max(issued + 1, earlier, now)
+    return floor, (issued, floor) if floor > issued + 1 else None
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+# The id is the next after the newest, but at least the floor set at open (id_floor).
+INSERT_EVENT = f"""
+    INSERT INTO events (id, tenant_name, event, data, timestamp)
+    VALUES (max(:floor, ({NEWEST_ID}) + 1), :tenant, :event, :data, :stamp)"""
+EVENTS_AFTER = f"""
+    SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3"""
+
+
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}?mode=rwc"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -281,55 +567,49 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+@dataclass(slots=True)
 class _Job:
     """One write queued for the writer thread; `run` gets the connection, returns a result."""
 
-    __slots__ = ("future", "result", "run")
-
-    def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future) -> None:
-        self.run = run
-        self.future = future
-        self.result: Any = None
+    run: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future
+    result: Any = None
 
 
-class Store:
-    """Open with `await Store.open(path, on_commit)`; `on_commit(events)` runs on the event
-    loop after each commit with the events it made durable, in id order, before any of the
-    inserting requests is answered."""
+class Store(SqlEngine):
+    """SQLite. Open with `await Store.open(path, on_commit)`; `on_commit(events)` runs on the
+    event loop after each commit with the events it made durable, in id order, before any
+    of the inserting requests is answered."""
 
-    def __init__(self, path: str, on_commit: CommitHook) -> None:
+    unique_violation = sqlite3.IntegrityError
+    users_order = "rowid"
+
+    def __init__(self, path: str, on_commit: CommitHook, max_event_names: int,
+                 max_tenant_bytes: int) -> None:
+        super().__init__(on_commit, max_event_names, max_tenant_bytes)
         self.path = path
-        self.on_commit = on_commit
-        self.published = Watermark()
-        self.prune_after = 0  # where the next prune call of a sweep continues
-        self.loop = asyncio.get_running_loop()
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.local = threading.local()
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="store-read")
         self.writer: threading.Thread | None = None
-        self.writer_conn: sqlite3.Connection | None = None
         self.reader_conns: list[sqlite3.Connection] = []
-        self.id_floor = 1  # the smallest id the next insert may take (see _start_id_range)
+        self.id_floor = 1  # the smallest id the next insert may take (see id_floor)
         self.lock_fd: int | None = None
 
     @classmethod
-    async def open(cls, path: str, on_commit: CommitHook) -> Store:
+    async def open(cls, path: str, on_commit: CommitHook, *, max_event_names: int = 0,
+                   max_tenant_bytes: int = 0) -> Store:
         """Create or check the database. Raises StoreError when it is corrupt or unreadable,
         rather than silently starting over with an empty one."""
-        store = cls(path, on_commit)
+        store = cls(path, on_commit, max_event_names, max_tenant_bytes)
+        store.lock_fd = _lock_for_this_process(path)  # the read threads start at the first read
         try:
-            store.lock_fd = _lock_for_this_process(path)
-        except BaseException:
-            store.readers.shutdown()
-            raise
-        try:
-            store.writer_conn = await store.loop.run_in_executor(None, store._open_writer)
+            writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
-            store.readers.shutdown()
-            os.close(store.lock_fd)  # type: ignore[arg-type]  # set just above
+            os.close(store.lock_fd)
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
-        store.writer = threading.Thread(target=store._write_loop, name="store-write",
-                                        daemon=True)
+        store.writer = threading.Thread(target=store._write_loop, args=(writer_conn,),
+                                        name="store-write", daemon=True)
         store.writer.start()
         return store
 
@@ -337,22 +617,27 @@ class Store:
         conn = _connect(self.path)
         try:
             conn.executescript(SCHEMA)
-            _add_missing_columns(conn)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+            if "access_changed_at" not in columns:  # a database of the first release
+                conn.execute("ALTER TABLE users ADD COLUMN access_changed_at INTEGER")
             # Touch every table: a damaged file fails here, at start, not at the first request.
-            for table in ("users", "events", "latest", "settings", "id_gaps", "pruned"):
+            for table in TABLES:
                 conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
+            conn.execute(COUNT_USAGE)
             self.published.upto = conn.execute(NEWEST_ID).fetchone()[0]
-            self.id_floor = _start_id_range(conn)
+            earlier = conn.execute(EARLIER_FLOOR).fetchone()[0]
+            self.id_floor, gap = id_floor(self.published.upto, earlier, time.time_ns() // 1000)
+            if gap:
+                conn.execute(RECORD_GAP, _named(*gap))
         except BaseException:
             conn.close()
             raise
         return conn
 
     async def close(self) -> None:
-        """Finish the reads and writes under way, then close every connection."""
         await self.loop.run_in_executor(None, self.readers.shutdown)
         for conn in self.reader_conns:
             conn.close()
@@ -372,9 +657,7 @@ class Store:
         self.jobs.put(_Job(run, future))
         return await future
 
-    def _write_loop(self) -> None:
-        conn = self.writer_conn
-        assert conn is not None
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -403,12 +686,10 @@ class Store:
                 conn.execute("SAVEPOINT job")
                 try:
                     job.result = job.run(conn)
-                except sqlite3.IntegrityError as exc:
-                    conn.execute("ROLLBACK TO job")
-                    job.result = exc
-                except sqlite3.Error:
-                    raise  # the database itself is in trouble: fail the whole batch
-                except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the writer
+                except Exception as exc:  # a job's own failure: QuotaExceeded, a bug...
+                    if isinstance(exc, sqlite3.Error) and \
+                            not isinstance(exc, sqlite3.IntegrityError):
+                        raise  # the database itself is in trouble: fail the whole batch
                     conn.execute("ROLLBACK TO job")
                     job.result = exc
                 conn.execute("RELEASE job")
@@ -417,29 +698,19 @@ class Store:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             return [], StoreError(str(exc))
         return events, None
 
     def _finish(self, batch: list[_Job], events: list[Event], error: Exception | None) -> None:
         # Publish first, so subscribers hear of an event no later than its publisher does.
-        if events:
-            try:
-                self.on_commit(events)
-            except Exception:  # never leave the writers' requests unanswered
-                log.exception("publishing committed events failed")
-            self.published.advance(events[-1].id)
+        self._publish(events)
         for job in batch:
-            if job.future.done():  # the request was cancelled (client went away)
-                continue
-            outcome = error or job.result
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
+            settle(job.future, error or job.result)
+
+    async def _change(self, query: str, *args: Any) -> list[tuple]:
+        return await self._write(lambda conn: conn.execute(query, _named(*args)).fetchall())
 
     # -- reads: a small pool, one read-only connection per thread -----------------------
     async def _read(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -455,113 +726,30 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
-    # -- settings -----------------------------------------------------------------------
-    async def setting_or_default(self, key: str, default: str) -> str:
-        """The stored value of `key`; stores `default` first when there is none."""
-        def run(conn: sqlite3.Connection) -> str:
-            conn.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
-                         (key, default))
-            return conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
-        return await self._write(run)
+    async def _rows(self, query: str, *args: Any) -> list[tuple]:
+        return await self._read(lambda conn: conn.execute(query, _named(*args)).fetchall())
 
-    # -- users --------------------------------------------------------------------------
-    async def create_user(self, user: User) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO users ({USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (user.id, user.username, user.password_hash, int(user.revoked),
-                 user.tenant_name, user.email, json.dumps(user.scopes),
-                 None if user.data is None else json.dumps(user.data), user.tokens_valid_after))
-        try:
-            await self._write(run)
-        except sqlite3.IntegrityError:
-            raise UsernameTaken(user.username) from None
-
-    async def get_user(self, username: str) -> User | None:
-        def run(conn: sqlite3.Connection) -> User | None:
-            row = conn.execute(f"SELECT {USER_ROW} FROM users WHERE username = ?",
-                               (username,)).fetchone()
-            return _user(row) if row else None
-        return await self._read(run)
-
-    async def list_users(self) -> list[User]:
-        def run(conn: sqlite3.Connection) -> list[User]:
-            rows = conn.execute(f"SELECT {USER_ROW} FROM users ORDER BY rowid").fetchall()
-            return [_user(row) for row in rows]
-        return await self._read(run)
-
-    async def update_user(self, username: str, changes: dict[str, Any]) -> User | None:
-        """Apply `changes` (keys from UPDATABLE) and return the updated user, or None."""
-        unknown = set(changes) - set(UPDATABLE)
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
-        values = {k: _column_value(k, v) for k, v in changes.items()}
-
-        def run(conn: sqlite3.Connection) -> User | None:
-            access = {k: v for k, v in values.items() if k in ("tenant_name", "scopes")}
-            if access:
-                # For the resume rule: when what the user's stream carries changes, no
-                # Last-Event-ID up to this one proves anything (see resume_page). Recorded in
-                # the change's own transaction, and only when a value really differs.
-                differs = " OR ".join(f"{column} <> ?" for column in access)
-                conn.execute(f"UPDATE users SET access_changed_at = ({NEWEST_ID}) "
-                             f"WHERE username = ? AND ({differs})", (username, *access.values()))
-            if values:
-                assignments = ", ".join(f"{column} = ?" for column in values)
-                conn.execute(f"UPDATE users SET {assignments} WHERE username = ?",
-                             (*values.values(), username))
-            row = conn.execute(f"SELECT {USER_ROW} FROM users WHERE username = ?",
-                               (username,)).fetchone()
-            return _user(row) if row else None
-        return await self._write(run)
-
-    async def replace_password_hash(self, username: str, old_hash: str,
-                                    new_hash: str) -> User | None:
-        """Set the user's password hash to `new_hash` if it is still `old_hash` (a rehash
-        with new parameters must not undo a password change); the updated user, or None."""
-        def run(conn: sqlite3.Connection) -> User | None:
-            changed = conn.execute(
-                "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
-                (new_hash, username, old_hash)).rowcount
-            row = conn.execute(f"SELECT {USER_ROW} FROM users WHERE username = ?",
-                               (username,)).fetchone()
-            return _user(row) if changed and row else None
-        return await self._write(run)
-
-    # -- events -------------------------------------------------------------------------
+    # -- users and events ---------------------------------------------------------------
     async def insert_event(self, tenant_name: str, event: str, data: str) -> Event:
-        """Append an event; returns once it is committed (and published)."""
+        """As Engine.insert_event; the quota check runs in the writer's transaction, so it
+        sees the inserts of the same group commit before it."""
+        size = len(event) + len(data)  # see QuotaExceeded
+
         def run(conn: sqlite3.Connection) -> Event:
-            stamp = int(time.time())
-            cursor = conn.execute(INSERT_EVENT, (self.id_floor, tenant_name, event, data, stamp))
-            event_id: int = cursor.lastrowid  # type: ignore[assignment]  # set by an INSERT
-            conn.execute(
-                "INSERT INTO latest (tenant_name, event, event_id) VALUES (?, ?, ?) "
-                "ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id",
-                (tenant_name, event, event_id))
-            return Event(event_id, tenant_name, event, data, stamp)
+            # One set of named arguments: each statement takes the ones it names.
+            args: dict[str, Any] = {
+                "tenant": tenant_name, "event": event, "data": data, "size": size,
+                "max_names": self.max_event_names, "max_bytes": self.max_tenant_bytes,
+                "floor": self.id_floor, "stamp": int(time.time())}
+            refused, old = conn.execute(QUOTA_CHECK, args).fetchone()
+            if refused:
+                raise self.quota_exceeded(tenant_name, refused)
+            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, names=int(old is None),
+                        bytes=size - (old or 0))
+            conn.execute(UPSERT_LATEST, args)
+            conn.execute(ADD_USAGE, args)
+            return Event(args["id"], tenant_name, event, data, args["stamp"])
         return await self._write(run)
-
-    async def newest_event_id(self) -> int:
-        def run(conn: sqlite3.Connection) -> int:
-            return conn.execute(NEWEST_ID).fetchone()[0]
-        return await self._read(run)
-
-    async def tenant_state(self, tenant_name: str,
-                           recent: int) -> tuple[list[Event], list[Event], int, int]:
-        """As Engine.tenant_state: one read transaction."""
-        def run(conn: sqlite3.Connection) -> tuple[list[Event], list[Event], int, int]:
-            conn.execute("BEGIN")
-            try:
-                latest = conn.execute(LATEST_OF_TENANT, (tenant_name,)).fetchall()
-                newest_first = conn.execute(RECENT_OF_TENANT, (tenant_name, recent)).fetchall()
-                newest = conn.execute(NEWEST_ID).fetchone()[0]
-                horizon = conn.execute(HORIZON, _named(tenant_name)).fetchone()[0]
-            finally:
-                conn.execute("COMMIT")
-            return ([Event(*row) for row in latest],
-                    [Event(*row) for row in reversed(newest_first)], newest, horizon)
-        return await self._read(run)
 
     async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,
                           max_bytes: int) -> tuple[list[Event], int] | None:
@@ -574,18 +762,16 @@ class Store:
                                       _named(tenant_name, after_id, username)).fetchone()[0]
                 if not proven:
                     return None
-                page, size = [], 0
-                rows = conn.execute(EVENTS_AFTER, (tenant_name, after_id, limit))
-                for row in rows:
+                page: list[Event] = []
+                size = 0
+                rows = conn.execute(EVENTS_AFTER, _named(tenant_name, after_id, limit))
+                while (size < max_bytes or not page) and (row := rows.fetchone()):
                     page.append(Event(*row))
                     size += len(row[3])
-                    if size >= max_bytes:
-                        break
                 rows.close()
-                newest = conn.execute(NEWEST_ID).fetchone()[0]
+                return page, conn.execute(NEWEST_ID).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
-            return page, newest
         return await self._read(run)
 
     async def prune(self, older_than: int, batch: int = 500) -> Pruned:
@@ -600,31 +786,15 @@ class Store:
         pruned, self.prune_after = await self._write(run)
         return pruned
 
-    # -- whole-database copies (broker migrate) -----------------------------------------
-    async def table_counts(self) -> dict[str, int]:
-        def run(conn: sqlite3.Connection) -> dict[str, int]:
-            return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                    for table in TABLES}
-        return await self._read(run)
-
-    def export_tables(self) -> PageOfTables:
-        return export_pages(self._rows, "rowid")
-
-    async def _rows(self, query: str, *args: Any) -> list[tuple]:
-        """The rows of one read (a statement with $1, $2... placeholders)."""
-        return await self._read(lambda conn: conn.execute(query, _named(*args)).fetchall())
-
     async def import_tables(self, pages: PageOfTables) -> None:
-        """Insert export_tables' pages (of any engine) into this empty database, ids kept:
-        new events get ids above them (a rowid continues from the largest)."""
+        """As Engine.import_tables: a transaction per page; a rowid continues from the
+        largest, so new events get ids above the copied ones."""
         # The gap this open recorded for the empty log gives way to the source's gaps (it
         # would cover the ids being copied); the next start records one above them.
-        await self._write(lambda conn: conn.execute("DELETE FROM id_gaps").rowcount)
+        await self._change("DELETE FROM id_gaps")
         async for table, rows in pages:
             if not rows:
                 continue
-            if table == "users":
-                rows = [(*row[:3], int(row[3]), *row[4:]) for row in rows]
             statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
                         f"({', '.join('?' * len(rows[0]))})"
 
@@ -640,10 +810,13 @@ def _lock_for_this_process(path: str) -> int:
     never blocks the restart. SQLite locks with POSIX fcntl locks, which on Linux are
     independent of flock, so readers beside the server (sqlite3, a backup) are not blocked.
     The descriptor stays open while SQLite's connections are: closing any descriptor of the
-    file would drop this process's fcntl locks (a POSIX rule)."""
+    file would drop this process's fcntl locks (a POSIX rule).
+
+    A new file is created 0600 (it holds password hashes and the JWT secret); SQLite gives
+    its -wal and -shm files the database file's mode."""
     try:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except PermissionError:  # a read-only file: flock works on any descriptor
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -657,132 +830,6 @@ def _lock_for_this_process(path: str) -> int:
             "SQLite file; to run several processes, use PostgreSQL: --db postgresql://...") \
             from None
     return fd
-
-NEWEST_ID = "SELECT coalesce(max(id), 0) FROM events"
-# The id is the next after the newest, but at least the floor set at open: see _start_id_range.
-INSERT_EVENT = f"""
-    INSERT INTO events (id, tenant_name, event, data, timestamp)
-    VALUES (max(?, ({NEWEST_ID}) + 1), ?, ?, ?, ?)"""
-# Statements with $1, $2... are the same text on both engines: asyncpg binds them by
-# position, sqlite3 by name (see _named).
-#
-# Whether the log proves that a client of user $3 holding id $2 has seen all of tenant $1 up
-# to it: the id was issued here (not newer than the newest, not in a gap of ids never issued:
-# a restored backup, another database), the events after it were not pruned, the user's
-# tenant or scopes did not change at or after it, and it is not the id of another tenant's
-# event (which only a stream of that tenant could have sent). An SQL expression.
-RESUME_PROOF = f"""
-    $2 <= ({NEWEST_ID})
-    AND coalesce((SELECT before_id FROM id_gaps WHERE after_id < $2
-                  ORDER BY after_id DESC LIMIT 1), 0) <= $2
-    AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
-    AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
-    AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
-HORIZON = "SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1"
-# Retention: up to $2 events after $1 in id order; whether each is the newest of its name.
-PRUNE_SCAN = """
-    SELECT e.id, e.tenant_name, e.timestamp, l.event_id IS NOT NULL FROM events e
-    LEFT JOIN latest l ON l.tenant_name = e.tenant_name AND l.event = e.event
-                      AND l.event_id = e.id
-    WHERE e.id > $1 ORDER BY e.id LIMIT $2"""
-PRUNE_SCAN_BATCHES = 4  # one prune call examines at most this many batches' worth of rows
-# A row when it raised tenant $1's horizon to $2.
-RAISE_HORIZON = """
-    INSERT INTO pruned (tenant_name, upto) VALUES ($1, $2)
-    ON CONFLICT (tenant_name) DO UPDATE SET upto = excluded.upto
-    WHERE excluded.upto > pruned.upto RETURNING upto"""
-LATEST_OF_TENANT = """
-    SELECT e.id, e.tenant_name, e.event, e.data, e.timestamp
-    FROM latest l JOIN events e ON e.id = l.event_id
-    WHERE l.tenant_name = ? ORDER BY e.id"""
-RECENT_OF_TENANT = """
-    SELECT id, tenant_name, event, data, timestamp FROM events
-    WHERE tenant_name = ? ORDER BY id DESC LIMIT ?"""
-EVENTS_AFTER = """
-    SELECT id, tenant_name, event, data, timestamp FROM events
-    WHERE tenant_name = ? AND id > ? ORDER BY id LIMIT ?"""
-
-
-def _named(*args: Any) -> dict[str, Any]:
-    """Arguments for a statement with $1, $2... placeholders, as sqlite3 binds them."""
-    return {str(number): arg for number, arg in enumerate(args, start=1)}
-
-
-async def export_pages(rows: Callable[..., Awaitable[list[tuple]]],
-                       users_order: str) -> PageOfTables:
-    """Engine.export_tables, given the engine's `rows(query, *args)` and the column that
-    orders its users by creation."""
-    for table, columns in TABLES.items():
-        if table != "events":
-            order = users_order if table == "users" else "1, 2"
-            yield table, await rows(f"SELECT {columns} FROM {table} ORDER BY {order}")
-            continue
-        after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-        while page := await rows(query, after, EXPORT_PAGE):
-            yield table, page
-            after = page[-1][0]
-
-
-def plan_prune(rows: list, older_than: int,
-               batch: int) -> tuple[list[int], dict[str, int], int | None]:
-    """Which of PRUNE_SCAN's rows (id, tenant, timestamp, is the newest of its name) one
-    prune call deletes: the old ones that are not the newest of their name, up to `batch`,
-    stopping at the first young one (ids follow time). Returns their ids, the largest id
-    deleted per tenant, and the id to continue after, or None when the sweep is done.
-
-    Why a cursor: the kept newest values stay at the log's start; a scan from the start in
-    every call would pass them all again, and with many names hold the writer for long."""
-    doomed: list[int] = []
-    uptos: dict[str, int] = {}
-    cursor = None
-    for event_id, tenant, stamp, is_latest in rows:
-        if stamp >= older_than:
-            return doomed, uptos, None
-        if not is_latest:
-            doomed.append(event_id)
-            uptos[tenant] = event_id
-        cursor = event_id
-        if len(doomed) == batch:
-            return doomed, uptos, cursor
-    return doomed, uptos, cursor if len(rows) == batch * PRUNE_SCAN_BATCHES else None
-
-
-def _start_id_range(conn: sqlite3.Connection) -> int:
-    """The floor for the ids of this run: the current time in microseconds, or the next id
-    when the log is ahead of that. The ids skipped over are recorded as never issued.
-
-    Why: after a restore from a backup (or a fresh database), the log may be behind ids that
-    clients have already seen, from a history that is lost. Since every run starts its ids
-    at the clock, such ids fall into a recorded gap (or beyond the newest), and those
-    clients are sent the latest values instead of a replay that would skip what changed.
-    16 digits today; JavaScript numbers hold them exactly until the year 2255."""
-    newest = conn.execute(NEWEST_ID).fetchone()[0]
-    # Not below an earlier floor either (a clock set back, a log copied from a machine ahead):
-    # ids inside a recorded gap could never be resumed.
-    earlier = conn.execute("SELECT coalesce(max(before_id), 0) FROM id_gaps").fetchone()[0]
-    floor = max(newest + 1, earlier, time.time_ns() // 1000)
-    if floor > newest + 1:
-        conn.execute("INSERT INTO id_gaps (after_id, before_id) VALUES (?, ?) "
-                     "ON CONFLICT (after_id) DO UPDATE SET "
-                     "before_id = max(before_id, excluded.before_id)", (newest, floor))
-    return floor
-
-
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Columns added since the first release, for databases made before them."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
-    if "access_changed_at" not in columns:
-        conn.execute("ALTER TABLE users ADD COLUMN access_changed_at INTEGER")
-
-
-def _column_value(column: str, value: Any) -> Any:
-    if column == "scopes":
-        return json.dumps(value)
-    if column == "data":
-        return None if value is None else json.dumps(value)
-    if column == "revoked":
-        return int(value)
-    return value
 
 
 # -- choosing the engine --------------------------------------------------------------------
@@ -802,13 +849,15 @@ def shown_db(db: str) -> str:
 async def open_store(db: str, on_commit: CommitHook, on_account_change: AccountHook | None = None,
                      *, max_event_names: int = 0, max_tenant_bytes: int = 0) -> Engine:
     """SQLite for a path; PostgreSQL for a postgresql:// URL (pgstore is imported only then).
-    The limits are per tenant (0: none; see QuotaExceeded). Raises StoreError when the
-    database cannot be opened or is damaged; it is not changed then."""
+    The limits are per tenant (0: none; see QuotaExceeded); on PostgreSQL, give every
+    process the same. Raises StoreError when the database cannot be opened or is damaged;
+    it is not changed then."""
+    limits = {"max_event_names": max_event_names, "max_tenant_bytes": max_tenant_bytes}
     if not is_postgres_url(db):
-        return await Store.open(db, on_commit)
+        return await Store.open(db, on_commit, **limits)
     try:
         from pgstore import PgStore
     except ImportError:
         raise SystemExit("--db postgresql://... needs asyncpg: from the checkout, "
                          "pip install '.[postgres]'") from None
-    return await PgStore.open(db, on_commit, on_account_change)
+    return await PgStore.open(db, on_commit, on_account_change, **limits)

@@ -17,17 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Event, StoreError, is_postgres_url, open_store, shown_db
+from store import Engine, Event, StoreError, is_postgres_url, open_store, shown_db
 
 BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default page size)
 
 # -- broker backup ----------------------------------------------------------------------------
-
-
-def db_option(parser: argparse.ArgumentParser) -> None:
-    """--db, with BROKER_DB and the default as for the server."""
-    parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
-                        help="the live database (default: $BROKER_DB, else broker.db)")
 
 
 def backup(argv: list[str]) -> int:
@@ -36,7 +30,9 @@ def backup(argv: list[str]) -> int:
         description="Write a consistent copy of a database, live or not, then check the "
                     "copy's integrity. The server keeps running and inserting meanwhile.")
     parser.add_argument("dest", metavar="DEST", help="the file to write (replaced if it exists)")
-    db_option(parser)
+    # --db, with BROKER_DB and the default as for the server.
+    parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
+                        help="the live database (default: $BROKER_DB, else broker.db)")
     args = parser.parse_args(argv)
     if is_postgres_url(args.db):
         print("broker backup: copies SQLite files; back up PostgreSQL with its own tools "
@@ -59,7 +55,8 @@ def backup_database(source: str, dest: str) -> int:
     The copy is one snapshot: a read transaction is held on the source for the whole copy,
     so the steps never restart, and in WAL mode readers never block the server's writer:
     inserts go on throughout. It is written beside `dest` and renamed over it only once
-    PRAGMA integrity_check passes, so `dest` is never a half-written or damaged file."""
+    PRAGMA integrity_check passes, so `dest` is never a half-written or damaged file. It
+    holds what the source does (password hashes, the JWT secret): its mode is copy_mode."""
     if not Path(source).is_file():
         raise OSError(f"no database at {source!r}")
     if Path(f"{dest}-wal").exists():
@@ -72,10 +69,14 @@ def backup_database(source: str, dest: str) -> int:
         src.execute("PRAGMA busy_timeout = 5000")
         src.execute("BEGIN")
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             src.backup(copy, pages=BACKUP_STEP_PAGES)
-            check_integrity(copy)
+            problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("integrity check of the copy failed: "
+                                            + "; ".join(problems[:5]))
             pages = copy.execute("PRAGMA page_count").fetchone()[0]
         finally:
             copy.close()
@@ -85,15 +86,15 @@ def backup_database(source: str, dest: str) -> int:
         raise
     finally:
         src.close()
+    os.chmod(partial, copy_mode(source))
     os.replace(partial, dest)
     return pages
 
 
-def check_integrity(conn: sqlite3.Connection) -> None:
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-    if problems != ["ok"]:
-        raise sqlite3.DatabaseError("integrity check of the copy failed: "
-                                    + "; ".join(problems[:5]))
+def copy_mode(source: str) -> int:
+    """The mode of a copy of the SQLite file `source`: the owner's bits of the source's, so
+    never less strict than it, and never readable by others (whatever the umask)."""
+    return os.stat(source).st_mode & 0o600
 
 
 class ToolError(Exception):
@@ -133,7 +134,10 @@ async def copy_database(source: str, target: str) -> dict[str, int]:
         raise ToolError(f"{target!r} exists; the target must be a new file (or an empty "
                         "PostgreSQL database): nothing was changed")
     try:
-        return await _copy(source, target)
+        counts = await _copy(source, target)
+        if target_is_new_file and not is_postgres_url(source):
+            os.chmod(target, copy_mode(source))  # created 0600 (see store.py)
+        return counts
     except BaseException:
         if target_is_new_file:
             for suffix in ("", "-wal", "-shm"):
@@ -143,15 +147,9 @@ async def copy_database(source: str, target: str) -> dict[str, int]:
 
 
 async def _copy(source: str, target: str) -> dict[str, int]:
-    try:
-        from_store = await open_store(source, _ignore)
-    except StoreError as exc:
-        raise ToolError(f"source: {exc}") from None
-    try:
-        try:
-            to_store = await open_store(target, _ignore)
-        except StoreError as exc:
-            raise ToolError(f"target: {exc}") from None
+    async with contextlib.AsyncExitStack() as opened:
+        from_store = await _open(source, "source", opened)
+        to_store = await _open(target, "target", opened)
         try:
             counts = await to_store.table_counts()
             # Every open records a gap of its own (import_tables replaces it): not content.
@@ -166,10 +164,16 @@ async def _copy(source: str, target: str) -> dict[str, int]:
             return got
         except StoreError as exc:
             raise ToolError(str(exc)) from None
-        finally:
-            await to_store.close()
-    finally:
-        await from_store.close()
+
+
+async def _open(db: str, role: str, opened: contextlib.AsyncExitStack) -> Engine:
+    """Open one database of the copy; it is closed when `opened` ends."""
+    try:
+        engine = await open_store(db, _ignore)
+    except StoreError as exc:
+        raise ToolError(f"{role}: {exc}") from None
+    opened.push_async_callback(engine.close)
+    return engine
 
 
 def _ignore(events: list[Event]) -> None:

@@ -412,7 +412,7 @@ def server_factories(names: list[str], nchan_workers: int = 0,
                      base_dir: Path | None = None) -> dict[str, Callable[[], Server]]:
     """Name -> factory of a fresh (not started) server, skipping what is not installed.
 
-    "broker" runs on uvloop when it is installed (what `pip install broker[fast]` gives),
+    "broker" runs on uvloop when it is installed (what `pip install '.[fast]'` gives),
     "broker-asyncio" on the standard loop; without uvloop only "broker" (on asyncio) remains.
     "broker-pg" is one broker process on PostgreSQL, "broker-pg2" two processes on one port
     and one database (when PostgreSQL and asyncpg are installed). "broker-base" is broker

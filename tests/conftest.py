@@ -54,6 +54,7 @@ class Server:
     proc: subprocess.Popen | None = None
     log_lines: list[str] = field(default_factory=list)
     admin_token: str = ADMIN
+    umask: int | None = None  # the process's, when given (tests of file modes)
 
     def __post_init__(self) -> None:
         self.db = self.db or self.tmp / "broker.db"
@@ -65,7 +66,8 @@ class Server:
                 "--admin_token", self.admin_token, *self.extra_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     umask=-1 if self.umask is None else self.umask)
         ready = threading.Event()
         threading.Thread(target=self._drain_log, args=(self.proc, ready), daemon=True).start()
         if not ready.wait(timeout):

@@ -373,7 +373,7 @@ def test_valid_emails_are_accepted(shared: Server) -> None:
 def test_password_checker_refuses_weak_passwords_with_a_reason(make_server,
                                                                shared: Server) -> None:
     pytest.importorskip("zxcvbn", reason="--password_checker needs zxcvbn "
-                                         "(pip install 'broker[passwords]')")
+                                         "(pip install '.[passwords]')")
     assert shared.create_user(unique("weak"), password="password1").status == 200  # flag off
     srv = make_server("--password_checker")
     resp = srv.create_user("weakling", password="password1")

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import ENGINES, ROOT, Server, rows
+from conftest import ENGINES, ROOT, Server, execute, rows
 from pg_cluster import Postgres
 from stream_support import unique
 from test_resume import backup, insert, received, wait_for_pruned
@@ -169,3 +169,52 @@ def test_backup_takes_the_database_from_broker_db(tmp_path):
                             check=False)
     assert result.returncode == 0, result.stderr
     assert rows(tmp_path / "copy.db", "SELECT x FROM t") == [(42,)]
+
+
+# -- the cost of a sweep ---------------------------------------------------------------------
+
+KEPT_NAMES, CHURN, CHURN_NAMES = 100_000, 20_000, 100
+# Old events straight into the stopped server's database (the same SQL on both engines):
+# tenant `kept` has 100,000 names with one value each, the first ids of the log, so every
+# one is a latest value that retention keeps; then tenant `churn` has 20,000 values of 100
+# names, all but the newest of each superseded.
+AGED_LOG = [
+    f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {KEPT_NAMES})
+        INSERT INTO events (id, tenant_name, event, data, timestamp)
+        SELECT i, 'kept', 'name_' || i, '1', 1000 FROM n""",
+    f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {CHURN})
+        INSERT INTO events (id, tenant_name, event, data, timestamp)
+        SELECT {KEPT_NAMES} + i, 'churn', 'name_' || (i % {CHURN_NAMES}), '2', 1000 FROM n""",
+    """INSERT INTO latest (tenant_name, event, event_id)
+       SELECT tenant_name, event, max(id) FROM events GROUP BY tenant_name, event""",
+    "DELETE FROM tenant_usage",  # counted again at the next open
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_a_sweep_past_many_kept_values_does_not_hold_up_inserts(make_server):
+    server = make_server()
+    writer = server.user(unique("writer"), tenant=unique("busy"))  # its JWT outlives restarts
+    server.stop()
+    for statement in AGED_LOG:
+        execute(server.db, statement)
+    server.extra_args = ["--retention", "1h"]
+    server.start()  # the sweep starts with the server
+    latencies: list[float] = []
+    while "retention: deleted" not in server.log and len(latencies) < 20_000:
+        started = time.perf_counter()
+        assert server.insert(writer, "reading", len(latencies)).status == 200
+        latencies.append(time.perf_counter() - started)
+    wait_for_pruned(server, CHURN - CHURN_NAMES)
+    latencies.sort()
+    assert len(latencies) >= 20, "the sweep ended before the inserts could measure it"
+    p99 = latencies[int(len(latencies) * 0.99)]
+    assert p99 < 0.050, f"insert p99 {p99 * 1000:.1f} ms while pruning ({len(latencies)} inserts)"
+    # Everything it should delete is gone: each name's newest stays, and the horizons are right.
+    counts = dict(rows(server.db, "SELECT tenant_name, count(*) FROM events "
+                                  "WHERE tenant_name IN ('kept', 'churn') GROUP BY tenant_name"))
+    assert counts == {"kept": KEPT_NAMES, "churn": CHURN_NAMES}
+    newest = rows(server.db, "SELECT min(id) FROM events WHERE tenant_name = 'churn'")[0][0]
+    assert newest == KEPT_NAMES + CHURN - CHURN_NAMES + 1
+    assert dict(rows(server.db, "SELECT tenant_name, upto FROM pruned")) == \
+        {"churn": newest - 1}
