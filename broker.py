@@ -512,12 +512,10 @@ class Stream(asyncio.Protocol):
     async def send_piece(self, frames: list[bytes]) -> None:
         data = b"".join(frames)
         self.write(chunk(data) if self.chunked else data)
+        if self.unpaused is not None:  # over --max_buffer: wait until the client takes it
+            await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
         if self.transport.is_closing():
             raise ConnectionError("connection closed")
-        if self.unpaused is not None:
-            await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
-            if self.transport.is_closing():
-                raise ConnectionError("connection closed")
 
     def close(self, abort: bool = False) -> None:
         """End the stream: the terminating chunk and a close, and an abort after
@@ -588,15 +586,17 @@ class Writer:
     bytes object. A publish that finds the writer idle starts a pass at once.
 
     The send system call is the cost (a few us a write), not the bytes, so under load fewer,
-    larger writes are the lever: when an insert arrived while a pass was going out, its
-    commit is near, and the writer lingers (as long as the pass took, at most LINGER) so that
-    the commits of a flood gather into the next pass and the loop is free for the
-    publishers at least half the time. At an everyday rate no insert is on its way when a
-    pass ends, and the next event is written the moment it is published. bench/README.md,
-    "The fan-out writer", has the measurements.
+    larger writes are the lever: when a pass ends while an insert is on its way to a commit
+    (or a request arrived during the pass, which under a flood is the next insert), the
+    writer lingers, as long as the pass took and at most LINGER, so that the commits of a
+    flood gather into the next pass and the loop is free for the requests at least half
+    the time. At an everyday rate nothing is on its way when a pass ends, and the next event
+    is written the moment it is published. bench/README.md, "The fan-out writer", has the
+    measurements.
     """
 
-    __slots__ = ("busy", "due", "insert_seen", "joined", "pass_started", "slice", "visits")
+    __slots__ = ("busy", "due", "inserting", "joined", "pass_started", "request_seen", "slice",
+                 "visits")
 
     def __init__(self, fanout_slice: int) -> None:
         self.slice = fanout_slice
@@ -608,7 +608,8 @@ class Writer:
         self.joined: dict[tuple[Group, int, int, bool], bytes] = {}
         self.busy = False  # a pass or a linger is under way: publish() only queues
         self.pass_started = 0.0  # when, for the linger (monotonic: uvloop caches loop.time)
-        self.insert_seen = 0.0  # when the newest insert request arrived (App.insert)
+        self.request_seen = 0.0  # when the newest request arrived (Connection.start_request)
+        self.inserting = 0  # inserts on their way to a commit (App.insert)
 
     def queue(self, group: Group, frames: list[tuple[int, bytes]]) -> None:
         group.log += frames
@@ -647,7 +648,7 @@ class Writer:
 
     def _pass_over(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.insert_seen > self.pass_started:
+        if self.inserting or self.request_seen > self.pass_started:
             took = time.monotonic() - self.pass_started
             loop.call_later(min(took, LINGER), self._linger_over)
         elif self.due:
@@ -1569,12 +1570,14 @@ class App:
             raise HTTPError(403, f"no scope of {user.username!r} allows posting {name!r}")
         self.auth.insert_rate.take(user.username)
         started = time.perf_counter()
-        self.hub.writer.insert_seen = time.monotonic()  # its commit is near: Writer._pass_over
+        self.hub.writer.inserting += 1  # its commit is near: see Writer._pass_over
         try:
             event = await self.store.insert_event(user.tenant_name, name, data)
         except QuotaExceeded as exc:  # 409: retrying cannot help until the tenant changes
             self.metrics.quota_refusals += 1
             raise HTTPError(409, str(exc)) from None
+        finally:
+            self.hub.writer.inserting -= 1
         self.metrics.observe_insert(time.perf_counter() - started)
         return reply({"id": event.id, "event": event.event, "timestamp": event.timestamp})
 
@@ -1868,6 +1871,7 @@ class Connection(asyncio.Protocol):
         self.request = request
         self.body = bytearray()
         self.started = time.perf_counter()
+        self.app.hub.writer.request_seen = time.monotonic()  # see Writer._pass_over
         # h11 bounds a head only while it is incomplete; one that came whole in a single
         # read is measured here.
         head_size = len(request.method) + len(request.target) + sum(
