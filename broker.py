@@ -740,16 +740,16 @@ class Tenant:
         return freed
 
     def load(self, latest: list[tuple[Event, bytes]], recent: list[tuple[Event, bytes]],
-             whole_log: bool, pruned: int) -> None:
-        """Merge what the store read (oldest first) into what publish() applied meanwhile.
-        Every event of the tenant after `pruned` (the horizon retention left) was read, if
-        `whole_log`; else every one from the oldest of `recent`."""
+             pruned: int) -> None:
+        """Merge what the store read (oldest first) into what publish() applied meanwhile:
+        every event of the tenant from the oldest of `recent` on, and above `pruned` (the
+        horizon retention left)."""
         assert self.latest is not None
         merged = sorted({(event.id, event.event, frame) for event, frame in recent}
                         | set(self.recent))
         self.recent = merged
         self.recent_bytes = sum(len(item[2]) for item in merged)
-        horizon = pruned if whole_log or not recent else max(pruned, recent[0][0].id - 1)
+        horizon = max(pruned, recent[0][0].id - 1) if recent else pruned
         self.trim_recent(max(self.horizon, horizon))
         by_id = sorted([*((event.id, event.event, frame) for event, frame in latest),
                         *((i, name, frame) for name, (i, frame) in self.latest.items())])
@@ -863,14 +863,15 @@ class Hub:
     async def _load(self, tenant: Tenant, name: str) -> None:
         tenant.latest = {}  # publish() applies to it meanwhile
         try:
-            latest, recent, newest, pruned = await self.store.tenant_state(name, RECENT_LOADED)
+            latest, recent, newest, pruned = await self.store.tenant_state(
+                name, RECENT_LOADED, RECENT_BYTES)
             # Events up to `newest` are in what was read; wait until publish() has applied
             # them too, or a later one would be applied before them.
             await asyncio.wait_for(self.store.published.reached(newest), STATE_LOAD_TIMEOUT)
             frames = await frames_in_steps([*latest, *recent])
             before = tenant.size()
             tenant.load(list(zip(latest, frames)), list(zip(recent, frames[len(latest):])),
-                        len(recent) < RECENT_LOADED, pruned)
+                        pruned)
             self.cached += tenant.size() - before
         except BaseException:
             self.cached -= tenant.forget()
@@ -1313,7 +1314,7 @@ def return_big_blocks_to_the_system() -> None:
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB and up are mmapped
+        ctypes.CDLL(None).mallopt(-3, 1 << 18)  # M_MMAP_THRESHOLD: 256 KiB and up are mmapped
 
 
 def lower_thread_priority() -> None:

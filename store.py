@@ -229,10 +229,10 @@ class Engine(Protocol):
     async def newest_event_id(self) -> int:
         """The newest id of the log (0 when empty), as committed now."""
 
-    async def tenant_state(self, tenant_name: str,
-                           recent: int) -> tuple[list[Event], list[Event], int, int]:
-        """The newest event of each name in the tenant, its `recent` newest events (both
-        oldest first), the newest event id of the whole log, and the tenant's pruned horizon
+    async def tenant_state(self, tenant_name: str, recent: int,
+                           max_bytes: int) -> tuple[list[Event], list[Event], int, int]:
+        """The newest event of each name in the tenant, its `recent` newest events, but from
+        the newest back only while their data stay within `max_bytes` (both oldest first), the newest event id of the whole log, and the tenant's pruned horizon
         (the newest id retention deleted from it; 0 when none), all from one snapshot."""
 
     async def resume_page(self, username: str, tenant_name: str, after_id: int, limit: int,
@@ -290,8 +290,10 @@ TENANT_STATE = f"""
            (SELECT coalesce(max(upto), 0) FROM pruned WHERE tenant_name = $1)
     UNION ALL SELECT 1, e.id, e.tenant_name, e.event, e.data, e.timestamp
               FROM latest l JOIN events e ON e.id = l.event_id WHERE l.tenant_name = $1
-    UNION ALL SELECT 2, * FROM (SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1
-                                ORDER BY id DESC LIMIT $2) recent
+    UNION ALL SELECT 2, e.id, e.tenant_name, e.event, e.data, e.timestamp FROM events e JOIN (
+        SELECT id, sum(size) OVER (ORDER BY id DESC) - size AS newer FROM (
+            SELECT id, length(data) AS size FROM events WHERE tenant_name = $1
+            ORDER BY id DESC LIMIT $2) newest) sized ON e.id = sized.id WHERE sized.newer < $3
     ORDER BY 1, 2"""
 # Retention: up to $2 events after $1 in id order, and whether each is the newest of its name.
 PRUNE_SCAN = """
@@ -406,9 +408,9 @@ class SqlEngine:
     async def newest_event_id(self) -> int:
         return (await self._rows(NEWEST_ID))[0][0]
 
-    async def tenant_state(self, tenant_name: str,
-                           recent: int) -> tuple[list[Event], list[Event], int, int]:
-        rows = await self._rows(TENANT_STATE, tenant_name, recent)
+    async def tenant_state(self, tenant_name: str, recent: int,
+                           max_bytes: int) -> tuple[list[Event], list[Event], int, int]:
+        rows = await self._rows(TENANT_STATE, tenant_name, recent, max_bytes)
         latest, newest = ([Event(*row[1:]) for row in rows if row[0] == kind] for kind in (1, 2))
         return latest, newest, rows[0][1], rows[0][5]
 

@@ -99,9 +99,13 @@ def test_resume_pages_stop_at_max_bytes_and_prune_reports_its_horizons(engine, r
             assert (pruned.deleted, pruned.horizons, pruned.more) == (2, {"t": ids[1]}, True)
             pruned = await opened.prune(int(time.time()) + 10, batch=2)
             assert (pruned.deleted, pruned.horizons, pruned.more) == (1, {"t": ids[2]}, False)
-            latest, recent, newest, horizon = await opened.tenant_state("t", 10)
+            latest, recent, newest, horizon = await opened.tenant_state("t", 10, 10**6)
             assert [e.id for e in latest] == [ids[3], ids[4]] == [e.id for e in recent]
             assert (newest, horizon) == (ids[-1], ids[2])
+            # The recent events stop where their data reach max_bytes.
+            for max_bytes, kept in ((1, [ids[4]]), (100, [ids[4]]), (101, [ids[3], ids[4]])):
+                recent = (await opened.tenant_state("t", 10, max_bytes))[1]
+                assert [e.id for e in recent] == kept
             pruned = await opened.prune(int(time.time()) + 10, batch=2)
             assert (pruned.deleted, pruned.horizons, pruned.more) == (0, {}, False)
         finally:
