@@ -658,28 +658,23 @@ class Store(SqlEngine):
         return await future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                break
-            batch = [job]
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.jobs.put(None)  # stop after this batch
-                    break
-                batch.append(more)
-            events, error = self._commit(conn, batch)
-            self.loop.call_soon_threadsafe(self._finish, batch, events, error)
+        stopping = False
+        while not stopping:
+            # A batch: the next job and every one queued meanwhile; None (close) ends it.
+            batch = [self.jobs.get()]
+            while batch[-1] is not None and len(batch) < MAX_BATCH and not self.jobs.empty():
+                batch.append(self.jobs.get())
+            stopping = batch[-1] is None
+            jobs = [job for job in batch if job is not None]
+            if jobs:  # not only the None of close, which takes no write lock
+                error = self._commit(conn, jobs)
+                self.loop.call_soon_threadsafe(self._finish, jobs, error)
         conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> tuple[list[Event], Any]:
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> StoreError | None:
         """Run a batch in one transaction. A job's own failure (say a taken username) is
-        rolled back to its savepoint and stays its own; a failed commit fails them all."""
-        events: list[Event] = []
+        rolled back to its savepoint and stays its own (its result); a failed commit fails
+        them all (the error returned)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -693,19 +688,17 @@ class Store(SqlEngine):
                     conn.execute("ROLLBACK TO job")
                     job.result = exc
                 conn.execute("RELEASE job")
-                if isinstance(job.result, Event):
-                    events.append(job.result)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            return [], StoreError(str(exc))
-        return events, None
+            with contextlib.suppress(sqlite3.Error):  # no transaction may be open
+                conn.execute("ROLLBACK")
+            return StoreError(str(exc))
+        return None
 
-    def _finish(self, batch: list[_Job], events: list[Event], error: Exception | None) -> None:
+    def _finish(self, batch: list[_Job], error: StoreError | None) -> None:
         # Publish first, so subscribers hear of an event no later than its publisher does.
-        self._publish(events)
+        if error is None:
+            self._publish([job.result for job in batch if isinstance(job.result, Event)])
         for job in batch:
             settle(job.future, error or job.result)
 
