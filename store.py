@@ -785,10 +785,8 @@ class Store(SqlEngine):
         # would cover the ids being copied); the next start records one above them.
         await self._change("DELETE FROM id_gaps")
         async for table, rows in pages:
-            if not rows:
-                continue
-            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
-                        f"({', '.join('?' * len(rows[0]))})"
+            marks = ", ".join("?" for _ in TABLES[table].split(","))
+            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES ({marks})"
 
             def insert(conn: sqlite3.Connection, query: str = statement, page: list = rows) -> None:
                 conn.executemany(query, page)
