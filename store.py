@@ -75,10 +75,9 @@ CREATE TABLE IF NOT EXISTS tenant_usage (
 
 log = logging.getLogger("broker.store")
 
-USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes, data, " \
-               "tokens_valid_after"
-# A user as read: the columns above, and the id at which its tenant or scopes last changed.
-USER_ROW = USER_COLUMNS + ", access_changed_at"
+# A user as read: its columns; the last, the id at which its tenant or scopes last changed.
+USER_ROW = ("id, username, password_hash, revoked, tenant_name, email, scopes, data, "
+            "tokens_valid_after, access_changed_at")
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
@@ -97,7 +96,7 @@ class StoreError(Exception):
 
 
 class UsernameTaken(Exception):
-    pass
+    """create_user: the username is taken."""
 
 
 class QuotaExceeded(Exception):
