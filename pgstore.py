@@ -159,18 +159,15 @@ BEGIN
     PERFORM pg_notify(channel, sender);
 END $$"""
 INSERT_EVENTS = "SELECT * FROM broker_insert_events($1, $2, $3, $4, $5, $6, $7, $8)"
-EVENTS_SINCE = f"SELECT {store.EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # The proof (store.RESUME_PROOF: tenant $1, id $2, user $3), the newest id and the first
 # page after $2 (up to $4 events, until their data reach $5 > 0 bytes), all in one statement
 # (one snapshot): one row of NULL events when there are none. octet_length reads a stored
 # value's size without loading it.
 RESUME_PAGE = f"""
     SELECT head.proven, head.newest, e.id, e.tenant_name, e.event, e.data, e.timestamp
-    FROM (SELECT {store.RESUME_PROOF} AS proven, ({store.NEWEST_ID}) AS newest) head
-    LEFT JOIN (SELECT *, sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data)
-                         AS before
-               FROM (SELECT {store.EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2
-                     ORDER BY id LIMIT $4) page) e ON head.proven AND e.before < $5
+    FROM ({store.RESUME_HEAD}) head
+    LEFT JOIN (SELECT *, sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data) AS before
+               FROM ({store.TENANT_PAGE}) page) e ON head.proven AND e.before < $5
     ORDER BY e.id"""
 
 
@@ -355,7 +352,7 @@ class PgStore(store.SqlEngine):
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         while True:
-            rows = await conn.fetch(EVENTS_SINCE, self.published.upto, CATCH_UP_PAGE)
+            rows = await conn.fetch(store.EVENTS_SINCE, self.published.upto, CATCH_UP_PAGE)
             # An own batch may have been published while this read was under way.
             self._publish([Event(*row) for row in rows if row[0] > self.published.upto])
             if len(rows) < CATCH_UP_PAGE:

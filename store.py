@@ -281,6 +281,12 @@ RESUME_PROOF = f"""
     AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
     AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
     AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
+# The proof and the newest id of the log; then the tenant's events after the id, in id order,
+# up to $4 of them (its arguments: the proof's, and $4).
+RESUME_HEAD = f"SELECT {RESUME_PROOF} AS proven, ({NEWEST_ID}) AS newest"
+TENANT_PAGE = f"""SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2
+                  ORDER BY id LIMIT $4"""
+EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # A tenant's state in ONE statement, so from one snapshot: a first row (kind 0) with the newest
 # id of the log and tenant $1's pruned horizon, then (kind 1) the newest event of each of its
 # names, then (kind 2) its $2 newest events, each oldest first.
@@ -421,8 +427,8 @@ class SqlEngine:
                 order = self.users_order if table == "users" else "1, 2"
                 yield table, await self._rows(f"SELECT {columns} FROM {table} ORDER BY {order}")
                 continue
-            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-            while page := await self._rows(query, after, EXPORT_PAGE):
+            after = 0
+            while page := await self._rows(EVENTS_SINCE, after, EXPORT_PAGE):
                 yield table, page
                 after = page[-1][0]
 
@@ -548,8 +554,6 @@ def id_floor(issued: int, earlier: int, now: int) -> tuple[int, tuple[int, int] 
 INSERT_EVENT = f"""
     INSERT INTO events (id, tenant_name, event, data, timestamp)
     VALUES (max(:floor, ({NEWEST_ID}) + 1), :tenant, :event, :data, :stamp)"""
-EVENTS_AFTER = f"""
-    SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3"""
 
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
@@ -747,20 +751,20 @@ class Store(SqlEngine):
         """As Engine.resume_page: one read transaction; the page is read row by row, so
         nothing past `max_bytes` is loaded."""
         def run(conn: sqlite3.Connection) -> tuple[list[Event], int] | None:
+            args = _named(tenant_name, after_id, username, limit)
             conn.execute("BEGIN")
             try:
-                proven = conn.execute(f"SELECT {RESUME_PROOF}",
-                                      _named(tenant_name, after_id, username)).fetchone()[0]
+                proven, newest = conn.execute(RESUME_HEAD, args).fetchone()
                 if not proven:
                     return None
                 page: list[Event] = []
                 size = 0
-                rows = conn.execute(EVENTS_AFTER, _named(tenant_name, after_id, limit))
+                rows = conn.execute(TENANT_PAGE, args)
                 while (size < max_bytes or not page) and (row := rows.fetchone()):
                     page.append(Event(*row))
                     size += len(row[3])
                 rows.close()
-                return page, conn.execute(NEWEST_ID).fetchone()[0]
+                return page, newest
             finally:
                 conn.execute("COMMIT")
         return await self._read(run)
