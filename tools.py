@@ -64,28 +64,24 @@ def backup_database(source: str, dest: str) -> int:
         raise OSError(f"{dest}-wal exists: DEST is a database in use; choose another DEST")
     partial = f"{dest}.partial"
     Path(partial).unlink(missing_ok=True)
-    src = sqlite3.connect(f"file:{source}?mode=rw", uri=True, isolation_level=None)
     try:
-        src.execute("PRAGMA busy_timeout = 5000")
-        src.execute("BEGIN")
-        src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
-        copy = sqlite3.connect(partial, isolation_level=None)
-        try:
-            src.backup(copy, pages=BACKUP_STEP_PAGES)
-            problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("integrity check of the copy failed: "
-                                            + "; ".join(problems[:5]))
-            pages = copy.execute("PRAGMA page_count").fetchone()[0]
-        finally:
-            copy.close()
-        src.execute("COMMIT")
+        with contextlib.closing(sqlite3.connect(f"file:{source}?mode=rw", uri=True,
+                                                isolation_level=None)) as src:
+            src.execute("PRAGMA busy_timeout = 5000")
+            src.execute("BEGIN")
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
+            with contextlib.closing(sqlite3.connect(partial, isolation_level=None)) as copy:
+                src.backup(copy, pages=BACKUP_STEP_PAGES)
+                problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("integrity check of the copy failed: "
+                                                + "; ".join(problems[:5]))
+                pages = copy.execute("PRAGMA page_count").fetchone()[0]
+            src.execute("COMMIT")
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    finally:
-        src.close()
     os.chmod(partial, copy_mode(source))
     os.replace(partial, dest)
     return pages
