@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Engine, Event, StoreError, is_postgres_url, open_store, shown_db
+from store import Engine, StoreError, is_postgres_url, open_store, shown_db
 
 BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default page size)
 
@@ -112,7 +112,7 @@ def migrate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         counts = asyncio.run(copy_database(args.source, args.target))
-    except ToolError as exc:
+    except (ToolError, StoreError) as exc:
         print(f"broker migrate: {exc}", file=sys.stderr)
         return 1
     print(f"broker migrate: copied {shown_db(args.source)} to {shown_db(args.target)}: "
@@ -146,34 +146,27 @@ async def _copy(source: str, target: str) -> dict[str, int]:
     async with contextlib.AsyncExitStack() as opened:
         from_store = await _open(source, "source", opened)
         to_store = await _open(target, "target", opened)
-        try:
-            counts = await to_store.table_counts()
-            # Every open records a gap of its own (import_tables replaces it): not content.
-            if any(count for table, count in counts.items() if table != "id_gaps"):
-                raise ToolError("the target database is not empty: nothing was changed")
-            await to_store.import_tables(from_store.export_tables())
-            want, got = await from_store.table_counts(), await to_store.table_counts()
-            if want != got:
-                raise ToolError(f"the copy is incomplete: {want} in the source, {got} copied")
-            if await from_store.newest_event_id() != await to_store.newest_event_id():
-                raise ToolError("the newest event ids differ after the copy")
-            return got
-        except StoreError as exc:
-            raise ToolError(str(exc)) from None
+        counts = await to_store.table_counts()
+        # Every open records a gap of its own (import_tables replaces it): not content.
+        if any(count for table, count in counts.items() if table != "id_gaps"):
+            raise ToolError("the target database is not empty: nothing was changed")
+        await to_store.import_tables(from_store.export_tables())
+        want, got = await from_store.table_counts(), await to_store.table_counts()
+        if want != got:
+            raise ToolError(f"the copy is incomplete: {want} in the source, {got} copied")
+        if await from_store.newest_event_id() != await to_store.newest_event_id():
+            raise ToolError("the newest event ids differ after the copy")
+        return got
 
 
 async def _open(db: str, role: str, opened: contextlib.AsyncExitStack) -> Engine:
     """Open one database of the copy; it is closed when `opened` ends."""
     try:
-        engine = await open_store(db, _ignore)
+        engine = await open_store(db, lambda events: None)  # nobody subscribes to a copy
     except StoreError as exc:
         raise ToolError(f"{role}: {exc}") from None
     opened.push_async_callback(engine.close)
     return engine
-
-
-def _ignore(events: list[Event]) -> None:
-    """Nobody subscribes during a copy."""
 
 
 # -- dispatch -----------------------------------------------------------------------------------
