@@ -25,10 +25,9 @@ BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default p
 
 
 def backup(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="broker backup",
-        description="Write a consistent copy of a database, live or not, then check the "
-                    "copy's integrity. The server keeps running and inserting meanwhile.")
+    parser = argparse.ArgumentParser(prog="broker backup", description=(
+        "Write a consistent copy of a database, live or not, then check the copy's integrity. "
+        "The server keeps running and inserting meanwhile."))
     parser.add_argument("dest", metavar="DEST", help="the file to write (replaced if it exists)")
     # --db, with BROKER_DB and the default as for the server.
     parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
@@ -101,11 +100,10 @@ class ToolError(Exception):
 
 
 def migrate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="broker migrate",
-        description="Copy everything (users, events with their ids, latest values, the JWT "
-                    "secret) from one database to another: SQLite to PostgreSQL or back. Stop "
-                    "the brokers using SOURCE first.")
+    parser = argparse.ArgumentParser(prog="broker migrate", description=(
+        "Copy everything (users, events with their ids, latest values, the JWT secret) from "
+        "one database to another: SQLite to PostgreSQL or back. Stop the brokers using SOURCE "
+        "first."))
     parser.add_argument("source", help="SQLite path or postgresql:// URL to copy from")
     parser.add_argument("target", help="a SQLite path that does not exist yet, or an empty "
                                        "PostgreSQL database")
