@@ -309,10 +309,9 @@ class PgStore(store.SqlEngine):
         """One transaction for the batch; returns each insert's event or refusal, and the
         newest id committed before it."""
         stamp = int(time.time())
-        rows = await conn.fetch(INSERT_EVENTS, [j.tenant_name for j in batch],
-                                [j.event for j in batch], [j.data for j in batch], stamp,
-                                EVENTS_CHANNEL, self.sender, self.max_event_names,
-                                self.max_tenant_bytes)
+        tenants, names, datas, _ = zip(*batch)
+        rows = await conn.fetch(INSERT_EVENTS, tenants, names, datas, stamp, EVENTS_CHANNEL,
+                                self.sender, self.max_event_names, self.max_tenant_bytes)
         return [self.quota_exceeded(j.tenant_name, refused) if refused else
                 Event(event_id, j.tenant_name, j.event, j.data, stamp)
                 for j, (event_id, _, refused) in zip(batch, rows)], rows[0][1]
