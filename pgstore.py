@@ -216,9 +216,7 @@ class PgStore(store.SqlEngine):
                 # Several processes may start at once; CREATE ... IF NOT EXISTS alone can
                 # still collide in the catalog, so schema setup is serialized.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await conn.execute(PG_SCHEMA)
-                await conn.execute(INSERT_FUNCTIONS)
-                await conn.execute(store.COUNT_USAGE)
+                await conn.execute(f"{PG_SCHEMA}{INSERT_FUNCTIONS};{store.COUNT_USAGE}")
                 engine.published.upto = await conn.fetchval(store.NEWEST_ID)
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
                 await _start_id_range(conn)
