@@ -184,7 +184,6 @@ class PgStore(store.SqlEngine):
     is awaited after another (or this) process changed that user, with None when changes
     may have been missed."""
 
-    unique_violation = asyncpg.UniqueViolationError
     users_order = "seq"
 
     def __init__(self, url: str, on_commit: CommitHook, on_account_change: AccountHook | None,
@@ -244,8 +243,6 @@ class PgStore(store.SqlEngine):
         try:
             async with self.pool.acquire(timeout=TIMEOUT) as conn:
                 return await work(conn)
-        except asyncpg.UniqueViolationError:
-            raise
         except (TimeoutError, *DB_ERRORS) as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 

@@ -352,7 +352,6 @@ class SqlEngine:
     statement, read) and `_change` (one statement, written and committed). The other
     methods of Engine are each engine's own."""
 
-    unique_violation: type[Exception]  # what the engine raises for a taken username
     users_order: str  # the column that orders users by creation
 
     def __init__(self, on_commit: CommitHook, max_event_names: int,
@@ -378,11 +377,10 @@ class SqlEngine:
     async def create_user(self, user: User) -> None:
         values = [user.id, user.username, *(column_value(c, getattr(user, c)) for c in UPDATABLE)]
         marks = ", ".join(f"${n}" for n in range(1, len(values) + 1))
-        try:
-            await self._change(f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
-                               f"VALUES ({marks})", *values)
-        except self.unique_violation:
-            raise UsernameTaken(user.username) from None
+        # No row back: the username (or the id) is taken.
+        if not await self._change(f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
+                                  f"VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING id", *values):
+            raise UsernameTaken(user.username)
 
     async def get_user(self, username: str) -> User | None:
         rows = await self._rows(USER_BY_NAME, username)
@@ -584,7 +582,6 @@ class Store(SqlEngine):
     event loop after each commit with the events it made durable, in id order, before any
     of the inserting requests is answered."""
 
-    unique_violation = sqlite3.IntegrityError
     users_order = "rowid"
 
     def __init__(self, path: str, on_commit: CommitHook, max_event_names: int,
@@ -674,9 +671,9 @@ class Store(SqlEngine):
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> StoreError | None:
-        """Run a batch in one transaction. A job's own failure (say a taken username) is
-        rolled back to its savepoint and stays its own (its result); a failed commit fails
-        them all (the error returned)."""
+        """Run a batch in one transaction. A job's own failure (a quota refusal, a value
+        that breaks a constraint) is rolled back to its savepoint and stays its own (its
+        result); a failed commit fails them all (the error returned)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
