@@ -187,8 +187,8 @@ class PgStore(store.SqlEngine):
     users_order = "seq"
 
     def __init__(self, url: str, on_commit: CommitHook, on_account_change: AccountHook | None,
-                 max_event_names: int, max_tenant_bytes: int) -> None:
-        super().__init__(on_commit, max_event_names, max_tenant_bytes)
+                 **limits: int) -> None:
+        super().__init__(on_commit, **limits)
         self.url = url
         self.on_account_change = on_account_change
         self.pool: asyncpg.Pool | None = None
@@ -204,9 +204,9 @@ class PgStore(store.SqlEngine):
 
     @classmethod
     async def open(cls, url: str, on_commit: CommitHook,
-                   on_account_change: AccountHook | None = None, *, max_event_names: int = 0,
-                   max_tenant_bytes: int = 0) -> PgStore:
-        engine = cls(url, on_commit, on_account_change, max_event_names, max_tenant_bytes)
+                   on_account_change: AccountHook | None = None, **limits: int) -> PgStore:
+        """Connect and set up the database (the limits: see store.open_store)."""
+        engine = cls(url, on_commit, on_account_change, **limits)
         try:
             engine.pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE,
                                                    reset=_reset,

@@ -354,8 +354,8 @@ class SqlEngine:
 
     users_order: str  # the column that orders users by creation
 
-    def __init__(self, on_commit: CommitHook, max_event_names: int,
-                 max_tenant_bytes: int) -> None:
+    def __init__(self, on_commit: CommitHook, max_event_names: int = 0,
+                 max_tenant_bytes: int = 0) -> None:
         self.on_commit = on_commit
         self.published = Watermark()
         self.prune_after = 0  # where the next prune call of a sweep continues
@@ -584,9 +584,8 @@ class Store(SqlEngine):
 
     users_order = "rowid"
 
-    def __init__(self, path: str, on_commit: CommitHook, max_event_names: int,
-                 max_tenant_bytes: int) -> None:
-        super().__init__(on_commit, max_event_names, max_tenant_bytes)
+    def __init__(self, path: str, on_commit: CommitHook, **limits: int) -> None:
+        super().__init__(on_commit, **limits)
         self.path = path
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.local = threading.local()
@@ -594,19 +593,17 @@ class Store(SqlEngine):
         self.writer: threading.Thread | None = None
         self.reader_conns: list[sqlite3.Connection] = []
         self.id_floor = 1  # the smallest id the next insert may take (see id_floor)
-        self.lock_fd: int | None = None
+        self.lock_fd: int | None = _lock_for_this_process(path)  # held until close
 
     @classmethod
-    async def open(cls, path: str, on_commit: CommitHook, *, max_event_names: int = 0,
-                   max_tenant_bytes: int = 0) -> Store:
-        """Create or check the database. Raises StoreError when it is corrupt or unreadable,
-        rather than silently starting over with an empty one."""
-        store = cls(path, on_commit, max_event_names, max_tenant_bytes)
-        store.lock_fd = _lock_for_this_process(path)  # the read threads start at the first read
+    async def open(cls, path: str, on_commit: CommitHook, **limits: int) -> Store:
+        """Create or check the database (the limits: see open_store). Raises StoreError when
+        it is corrupt or unreadable, rather than silently starting over with an empty one."""
+        store = cls(path, on_commit, **limits)  # the read threads start at the first read
         try:
             writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
-            os.close(store.lock_fd)
+            await store.close()  # the lock
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, args=(writer_conn,),
                                         name="store-write", daemon=True)
