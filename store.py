@@ -558,13 +558,6 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}?mode=rwc"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 5000")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
-        conn.execute("PRAGMA synchronous = FULL")
-        # Checkpoints reuse the WAL from its start; this truncates it back after one that
-        # grew large (a burst, a long backup), so the WAL stays bounded on a small disk.
-        conn.execute("PRAGMA journal_size_limit = 16777216")
     return conn
 
 
@@ -613,6 +606,12 @@ class Store(SqlEngine):
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path)
         try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
+            conn.execute("PRAGMA synchronous = FULL")
+            # Checkpoints reuse the WAL from its start; this truncates it back after one that
+            # grew large (a burst, a long backup), so the WAL stays bounded on a small disk.
+            conn.execute("PRAGMA journal_size_limit = 16777216")
             conn.executescript(SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
             if "access_changed_at" not in columns:  # a database of the first release
