@@ -332,16 +332,15 @@ QUOTA_CHECK = f"""
                 WHEN :max_bytes > 0 AND :size > coalesce(old, 0)
                      AND bytes - coalesce(old, 0) + :size > :max_bytes THEN 'bytes' END,
            old
-    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names,
-                 coalesce(u.bytes, 0) AS bytes
+    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names, coalesce(u.bytes, 0) AS bytes
           FROM (SELECT 1) one LEFT JOIN tenant_usage u ON u.tenant_name = :tenant) counts"""
 # After inserts the check allowed: the names they add and the bytes (the new value's size
-# minus the replaced one's).
+# minus the replaced one's, :old, which is NULL for a new name).
 ADD_USAGE_TO = """ON CONFLICT (tenant_name) DO UPDATE SET
     names = tenant_usage.names + excluded.names, bytes = tenant_usage.bytes + excluded.bytes"""
 ADD_USAGE = f"""
-    INSERT INTO tenant_usage (tenant_name, names, bytes) VALUES (:tenant, :names, :bytes)
-    {ADD_USAGE_TO}"""
+    INSERT INTO tenant_usage (tenant_name, names, bytes)
+    VALUES (:tenant, :old IS NULL, :size - coalesce(:old, 0)) {ADD_USAGE_TO}"""
 UPSERT_LATEST = """
     INSERT INTO latest (tenant_name, event, event_id) VALUES (:tenant, :event, :id)
     ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id"""
@@ -489,8 +488,7 @@ def plan_update(username: str, changes: dict[str, Any]) -> tuple[str, list[Any],
     For the resume rule: when what the user's stream carries changes, no Last-Event-ID up to
     the newest id proves anything (see RESUME_PROOF), so access_changed_at becomes the newest
     id, in the same statement, only when a value really differs (SET sees the old row)."""
-    unknown = set(changes) - set(UPDATABLE)
-    if unknown:
+    if unknown := set(changes) - set(UPDATABLE):
         raise ValueError(f"not updatable: {sorted(unknown)}")
     values = {column: column_value(column, value) for column, value in changes.items()}
     if not values:
@@ -732,8 +730,7 @@ class Store(SqlEngine):
             refused, old = conn.execute(QUOTA_CHECK, args).fetchone()
             if refused:
                 raise self.quota_exceeded(tenant_name, refused)
-            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, names=int(old is None),
-                        bytes=size - (old or 0))
+            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, old=old)
             conn.execute(UPSERT_LATEST, args)
             conn.execute(ADD_USAGE, args)
             return Event(args["id"], tenant_name, event, data, args["stamp"])
