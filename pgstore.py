@@ -45,6 +45,7 @@ Retry-After); the background tasks retry by themselves until it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -80,7 +81,7 @@ SAFETY_NET = 2.0  # seconds: read the log and check the listening connection thi
 PUBLISH_WAIT = 5.0  # longest an insert waits to be published before it is answered anyway
 CATCH_UP_PAGE = 500
 TIMEOUT = 10.0  # seconds for a connection or a statement
-# What a database that is down, restarting or unreachable raises.
+# What a database that is down, restarting or unreachable raises (a TimeoutError is an OSError).
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # A batch transaction in ONE round trip: a single statement outside any transaction block,
@@ -234,7 +235,7 @@ class PgStore(store.SqlEngine):
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), TIMEOUT)
-            except (TimeoutError, *DB_ERRORS):
+            except DB_ERRORS:
                 self.pool.terminate()
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
@@ -243,7 +244,7 @@ class PgStore(store.SqlEngine):
         try:
             async with self.pool.acquire(timeout=TIMEOUT) as conn:
                 return await work(conn)
-        except (TimeoutError, *DB_ERRORS) as exc:
+        except DB_ERRORS as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 
     async def _rows(self, query: str, *args: Any) -> list[tuple]:
@@ -332,10 +333,8 @@ class PgStore(store.SqlEngine):
     # -- delivery: read the log in id order ---------------------------------------------
     async def _catch_up_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):  # the safety net: a notice can be lost
                 await asyncio.wait_for(self.wake.wait(), SAFETY_NET)
-            except TimeoutError:
-                pass  # the safety net: a notification can be lost
             self.wake.clear()
             try:
                 await self._run(self._catch_up)
@@ -370,7 +369,7 @@ class PgStore(store.SqlEngine):
                 while not conn.is_closed():
                     await asyncio.sleep(SAFETY_NET)
                     await conn.execute("SELECT 1", timeout=SAFETY_NET)  # a dead link shows
-            except (TimeoutError, *DB_ERRORS) as exc:
+            except DB_ERRORS as exc:
                 log.warning("listening connection to the database lost (retrying): %s", exc)
             except Exception:  # keep listening, whatever happened
                 log.exception("listening connection failed (retrying)")
