@@ -115,20 +115,16 @@ CREATE OR REPLACE FUNCTION broker_insert_rows(
 RETURNS SETOF BIGINT LANGUAGE sql AS $$
     WITH batch AS (SELECT * FROM unnest(tenants, event_names, datas) WITH ORDINALITY
                    AS b(t, n, d, i)),
-    inserted AS (
-        INSERT INTO events (tenant_name, event, data, timestamp)
+    inserted AS (INSERT INTO events (tenant_name, event, data, timestamp)
         SELECT t, n, d, stamp FROM batch ORDER BY i RETURNING id, tenant_name, event),
-    upsert AS (
-        INSERT INTO latest (tenant_name, event, event_id)
+    upsert AS (INSERT INTO latest (tenant_name, event, event_id)
         SELECT DISTINCT ON (tenant_name, event) tenant_name, event, id FROM inserted
         ORDER BY tenant_name, event, id DESC
         ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id),
-    usage AS (
-        INSERT INTO tenant_usage (tenant_name, names, bytes)
+    usage AS (INSERT INTO tenant_usage (tenant_name, names, bytes)
         SELECT t, count(*) FILTER (WHERE old IS NULL), sum(length(n) + length(d) - coalesce(old, 0))
         FROM (SELECT DISTINCT ON (t, n) t, n, d FROM batch ORDER BY t, n, i DESC) newest
-        LEFT JOIN LATERAL ({_plpgsql(store.OLD_SIZE, tenant="newest.t", event="newest.n")}) o
-            ON true
+        LEFT JOIN LATERAL ({_plpgsql(store.OLD_SIZE, tenant="t", event="n")}) o ON true
         GROUP BY t {store.ADD_USAGE_TO})
     SELECT id FROM inserted ORDER BY id
 $$;
