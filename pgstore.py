@@ -45,6 +45,7 @@ Retry-After); the background tasks retry by themselves until it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -80,7 +81,7 @@ SAFETY_NET = 2.0  # seconds: read the log and check the listening connection thi
 PUBLISH_WAIT = 5.0  # longest an insert waits to be published before it is answered anyway
 CATCH_UP_PAGE = 500
 TIMEOUT = 10.0  # seconds for a connection or a statement
-# What a database that is down, restarting or unreachable raises.
+# What a database that is down, restarting or unreachable raises (a TimeoutError is an OSError).
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # A batch transaction in ONE round trip: a single statement outside any transaction block,
@@ -114,20 +115,16 @@ CREATE OR REPLACE FUNCTION broker_insert_rows(
 RETURNS SETOF BIGINT LANGUAGE sql AS $$
     WITH batch AS (SELECT * FROM unnest(tenants, event_names, datas) WITH ORDINALITY
                    AS b(t, n, d, i)),
-    inserted AS (
-        INSERT INTO events (tenant_name, event, data, timestamp)
+    inserted AS (INSERT INTO events (tenant_name, event, data, timestamp)
         SELECT t, n, d, stamp FROM batch ORDER BY i RETURNING id, tenant_name, event),
-    upsert AS (
-        INSERT INTO latest (tenant_name, event, event_id)
+    upsert AS (INSERT INTO latest (tenant_name, event, event_id)
         SELECT DISTINCT ON (tenant_name, event) tenant_name, event, id FROM inserted
         ORDER BY tenant_name, event, id DESC
         ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id),
-    usage AS (
-        INSERT INTO tenant_usage (tenant_name, names, bytes)
+    usage AS (INSERT INTO tenant_usage (tenant_name, names, bytes)
         SELECT t, count(*) FILTER (WHERE old IS NULL), sum(length(n) + length(d) - coalesce(old, 0))
         FROM (SELECT DISTINCT ON (t, n) t, n, d FROM batch ORDER BY t, n, i DESC) newest
-        LEFT JOIN LATERAL ({_plpgsql(store.OLD_SIZE, tenant="newest.t", event="newest.n")}) o
-            ON true
+        LEFT JOIN LATERAL ({_plpgsql(store.OLD_SIZE, tenant="t", event="n")}) o ON true
         GROUP BY t {store.ADD_USAGE_TO})
     SELECT id FROM inserted ORDER BY id
 $$;
@@ -159,18 +156,15 @@ BEGIN
     PERFORM pg_notify(channel, sender);
 END $$"""
 INSERT_EVENTS = "SELECT * FROM broker_insert_events($1, $2, $3, $4, $5, $6, $7, $8)"
-EVENTS_SINCE = f"SELECT {store.EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # The proof (store.RESUME_PROOF: tenant $1, id $2, user $3), the newest id and the first
 # page after $2 (up to $4 events, until their data reach $5 > 0 bytes), all in one statement
 # (one snapshot): one row of NULL events when there are none. octet_length reads a stored
 # value's size without loading it.
 RESUME_PAGE = f"""
     SELECT head.proven, head.newest, e.id, e.tenant_name, e.event, e.data, e.timestamp
-    FROM (SELECT {store.RESUME_PROOF} AS proven, ({store.NEWEST_ID}) AS newest) head
-    LEFT JOIN (SELECT *, sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data)
-                         AS before
-               FROM (SELECT {store.EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2
-                     ORDER BY id LIMIT $4) page) e ON head.proven AND e.before < $5
+    FROM ({store.RESUME_HEAD}) head
+    LEFT JOIN (SELECT *, sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data) AS before
+               FROM ({store.TENANT_PAGE}) page) e ON head.proven AND e.before < $5
     ORDER BY e.id"""
 
 
@@ -187,12 +181,11 @@ class PgStore(store.SqlEngine):
     is awaited after another (or this) process changed that user, with None when changes
     may have been missed."""
 
-    unique_violation = asyncpg.UniqueViolationError
     users_order = "seq"
 
     def __init__(self, url: str, on_commit: CommitHook, on_account_change: AccountHook | None,
-                 max_event_names: int, max_tenant_bytes: int) -> None:
-        super().__init__(on_commit, max_event_names, max_tenant_bytes)
+                 **limits: int) -> None:
+        super().__init__(on_commit, **limits)
         self.url = url
         self.on_account_change = on_account_change
         self.pool: asyncpg.Pool | None = None
@@ -208,9 +201,9 @@ class PgStore(store.SqlEngine):
 
     @classmethod
     async def open(cls, url: str, on_commit: CommitHook,
-                   on_account_change: AccountHook | None = None, *, max_event_names: int = 0,
-                   max_tenant_bytes: int = 0) -> PgStore:
-        engine = cls(url, on_commit, on_account_change, max_event_names, max_tenant_bytes)
+                   on_account_change: AccountHook | None = None, **limits: int) -> PgStore:
+        """Connect and set up the database (the limits: see store.open_store)."""
+        engine = cls(url, on_commit, on_account_change, **limits)
         try:
             engine.pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE,
                                                    reset=_reset,
@@ -219,9 +212,7 @@ class PgStore(store.SqlEngine):
                 # Several processes may start at once; CREATE ... IF NOT EXISTS alone can
                 # still collide in the catalog, so schema setup is serialized.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await conn.execute(PG_SCHEMA)
-                await conn.execute(INSERT_FUNCTIONS)
-                await conn.execute(store.COUNT_USAGE)
+                await conn.execute(f"{PG_SCHEMA}{INSERT_FUNCTIONS};{store.COUNT_USAGE}")
                 engine.published.upto = await conn.fetchval(store.NEWEST_ID)
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
                 await _start_id_range(conn)
@@ -240,7 +231,7 @@ class PgStore(store.SqlEngine):
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), TIMEOUT)
-            except (TimeoutError, *DB_ERRORS):
+            except DB_ERRORS:
                 self.pool.terminate()
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
@@ -249,9 +240,7 @@ class PgStore(store.SqlEngine):
         try:
             async with self.pool.acquire(timeout=TIMEOUT) as conn:
                 return await work(conn)
-        except asyncpg.UniqueViolationError:
-            raise
-        except (TimeoutError, *DB_ERRORS) as exc:
+        except DB_ERRORS as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 
     async def _rows(self, query: str, *args: Any) -> list[tuple]:
@@ -312,10 +301,9 @@ class PgStore(store.SqlEngine):
         """One transaction for the batch; returns each insert's event or refusal, and the
         newest id committed before it."""
         stamp = int(time.time())
-        rows = await conn.fetch(INSERT_EVENTS, [j.tenant_name for j in batch],
-                                [j.event for j in batch], [j.data for j in batch], stamp,
-                                EVENTS_CHANNEL, self.sender, self.max_event_names,
-                                self.max_tenant_bytes)
+        tenants, names, datas, _ = zip(*batch)
+        rows = await conn.fetch(INSERT_EVENTS, tenants, names, datas, stamp, EVENTS_CHANNEL,
+                                self.sender, self.max_event_names, self.max_tenant_bytes)
         return [self.quota_exceeded(j.tenant_name, refused) if refused else
                 Event(event_id, j.tenant_name, j.event, j.data, stamp)
                 for j, (event_id, _, refused) in zip(batch, rows)], rows[0][1]
@@ -341,10 +329,8 @@ class PgStore(store.SqlEngine):
     # -- delivery: read the log in id order ---------------------------------------------
     async def _catch_up_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):  # the safety net: a notice can be lost
                 await asyncio.wait_for(self.wake.wait(), SAFETY_NET)
-            except TimeoutError:
-                pass  # the safety net: a notification can be lost
             self.wake.clear()
             try:
                 await self._run(self._catch_up)
@@ -355,7 +341,7 @@ class PgStore(store.SqlEngine):
 
     async def _catch_up(self, conn: asyncpg.Connection) -> None:
         while True:
-            rows = await conn.fetch(EVENTS_SINCE, self.published.upto, CATCH_UP_PAGE)
+            rows = await conn.fetch(store.EVENTS_SINCE, self.published.upto, CATCH_UP_PAGE)
             # An own batch may have been published while this read was under way.
             self._publish([Event(*row) for row in rows if row[0] > self.published.upto])
             if len(rows) < CATCH_UP_PAGE:
@@ -379,7 +365,7 @@ class PgStore(store.SqlEngine):
                 while not conn.is_closed():
                     await asyncio.sleep(SAFETY_NET)
                     await conn.execute("SELECT 1", timeout=SAFETY_NET)  # a dead link shows
-            except (TimeoutError, *DB_ERRORS) as exc:
+            except DB_ERRORS as exc:
                 log.warning("listening connection to the database lost (retrying): %s", exc)
             except Exception:  # keep listening, whatever happened
                 log.exception("listening connection failed (retrying)")

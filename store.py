@@ -75,10 +75,9 @@ CREATE TABLE IF NOT EXISTS tenant_usage (
 
 log = logging.getLogger("broker.store")
 
-USER_COLUMNS = "id, username, password_hash, revoked, tenant_name, email, scopes, data, " \
-               "tokens_valid_after"
-# A user as read: the columns above, and the id at which its tenant or scopes last changed.
-USER_ROW = USER_COLUMNS + ", access_changed_at"
+# A user as read: its columns; the last, the id at which its tenant or scopes last changed.
+USER_ROW = ("id, username, password_hash, revoked, tenant_name, email, scopes, data, "
+            "tokens_valid_after, access_changed_at")
 UPDATABLE = ("password_hash", "revoked", "tenant_name", "email", "scopes", "data",
              "tokens_valid_after")
 EVENT_COLUMNS = "id, tenant_name, event, data, timestamp"
@@ -97,7 +96,7 @@ class StoreError(Exception):
 
 
 class UsernameTaken(Exception):
-    pass
+    """create_user: the username is taken."""
 
 
 class QuotaExceeded(Exception):
@@ -282,6 +281,12 @@ RESUME_PROOF = f"""
     AND coalesce((SELECT upto FROM pruned WHERE tenant_name = $1), 0) <= $2
     AND coalesce((SELECT access_changed_at FROM users WHERE username = $3), -1) < $2
     AND coalesce((SELECT tenant_name FROM events WHERE id = $2), $1) = $1"""
+# The proof and the newest id of the log; then the tenant's events after the id, in id order,
+# up to $4 of them (its arguments: the proof's, and $4).
+RESUME_HEAD = f"SELECT {RESUME_PROOF} AS proven, ({NEWEST_ID}) AS newest"
+TENANT_PAGE = f"""SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2
+                  ORDER BY id LIMIT $4"""
+EVENTS_SINCE = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
 # A tenant's state in ONE statement, so from one snapshot: a first row (kind 0) with the newest
 # id of the log and tenant $1's pruned horizon, then (kind 1) the newest event of each of its
 # names, then (kind 2) its $2 newest events, each oldest first.
@@ -329,16 +334,15 @@ QUOTA_CHECK = f"""
                 WHEN :max_bytes > 0 AND :size > coalesce(old, 0)
                      AND bytes - coalesce(old, 0) + :size > :max_bytes THEN 'bytes' END,
            old
-    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names,
-                 coalesce(u.bytes, 0) AS bytes
+    FROM (SELECT ({OLD_SIZE}) AS old, coalesce(u.names, 0) AS names, coalesce(u.bytes, 0) AS bytes
           FROM (SELECT 1) one LEFT JOIN tenant_usage u ON u.tenant_name = :tenant) counts"""
 # After inserts the check allowed: the names they add and the bytes (the new value's size
-# minus the replaced one's).
+# minus the replaced one's, :old, which is NULL for a new name).
 ADD_USAGE_TO = """ON CONFLICT (tenant_name) DO UPDATE SET
     names = tenant_usage.names + excluded.names, bytes = tenant_usage.bytes + excluded.bytes"""
 ADD_USAGE = f"""
-    INSERT INTO tenant_usage (tenant_name, names, bytes) VALUES (:tenant, :names, :bytes)
-    {ADD_USAGE_TO}"""
+    INSERT INTO tenant_usage (tenant_name, names, bytes)
+    VALUES (:tenant, :old IS NULL, :size - coalesce(:old, 0)) {ADD_USAGE_TO}"""
 UPSERT_LATEST = """
     INSERT INTO latest (tenant_name, event, event_id) VALUES (:tenant, :event, :id)
     ON CONFLICT (tenant_name, event) DO UPDATE SET event_id = excluded.event_id"""
@@ -349,11 +353,10 @@ class SqlEngine:
     statement, read) and `_change` (one statement, written and committed). The other
     methods of Engine are each engine's own."""
 
-    unique_violation: type[Exception]  # what the engine raises for a taken username
     users_order: str  # the column that orders users by creation
 
-    def __init__(self, on_commit: CommitHook, max_event_names: int,
-                 max_tenant_bytes: int) -> None:
+    def __init__(self, on_commit: CommitHook, max_event_names: int = 0,
+                 max_tenant_bytes: int = 0) -> None:
         self.on_commit = on_commit
         self.published = Watermark()
         self.prune_after = 0  # where the next prune call of a sweep continues
@@ -375,11 +378,10 @@ class SqlEngine:
     async def create_user(self, user: User) -> None:
         values = [user.id, user.username, *(column_value(c, getattr(user, c)) for c in UPDATABLE)]
         marks = ", ".join(f"${n}" for n in range(1, len(values) + 1))
-        try:
-            await self._change(f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
-                               f"VALUES ({marks})", *values)
-        except self.unique_violation:
-            raise UsernameTaken(user.username) from None
+        # No row back: the username (or the id) is taken.
+        if not await self._change(f"INSERT INTO users (id, username, {', '.join(UPDATABLE)}) "
+                                  f"VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING id", *values):
+            raise UsernameTaken(user.username)
 
     async def get_user(self, username: str) -> User | None:
         rows = await self._rows(USER_BY_NAME, username)
@@ -424,8 +426,8 @@ class SqlEngine:
                 order = self.users_order if table == "users" else "1, 2"
                 yield table, await self._rows(f"SELECT {columns} FROM {table} ORDER BY {order}")
                 continue
-            after, query = 0, f"SELECT {columns} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
-            while page := await self._rows(query, after, EXPORT_PAGE):
+            after = 0
+            while page := await self._rows(EVENTS_SINCE, after, EXPORT_PAGE):
                 yield table, page
                 after = page[-1][0]
 
@@ -488,8 +490,7 @@ def plan_update(username: str, changes: dict[str, Any]) -> tuple[str, list[Any],
     For the resume rule: when what the user's stream carries changes, no Last-Event-ID up to
     the newest id proves anything (see RESUME_PROOF), so access_changed_at becomes the newest
     id, in the same statement, only when a value really differs (SET sees the old row)."""
-    unknown = set(changes) - set(UPDATABLE)
-    if unknown:
+    if unknown := set(changes) - set(UPDATABLE):
         raise ValueError(f"not updatable: {sorted(unknown)}")
     values = {column: column_value(column, value) for column, value in changes.items()}
     if not values:
@@ -551,21 +552,12 @@ def id_floor(issued: int, earlier: int, now: int) -> tuple[int, tuple[int, int] 
 INSERT_EVENT = f"""
     INSERT INTO events (id, tenant_name, event, data, timestamp)
     VALUES (max(:floor, ({NEWEST_ID}) + 1), :tenant, :event, :data, :stamp)"""
-EVENTS_AFTER = f"""
-    SELECT {EVENT_COLUMNS} FROM events WHERE tenant_name = $1 AND id > $2 ORDER BY id LIMIT $3"""
 
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}?mode=rwc"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 5000")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
-        conn.execute("PRAGMA synchronous = FULL")
-        # Checkpoints reuse the WAL from its start; this truncates it back after one that
-        # grew large (a burst, a long backup), so the WAL stays bounded on a small disk.
-        conn.execute("PRAGMA journal_size_limit = 16777216")
     return conn
 
 
@@ -583,12 +575,10 @@ class Store(SqlEngine):
     event loop after each commit with the events it made durable, in id order, before any
     of the inserting requests is answered."""
 
-    unique_violation = sqlite3.IntegrityError
     users_order = "rowid"
 
-    def __init__(self, path: str, on_commit: CommitHook, max_event_names: int,
-                 max_tenant_bytes: int) -> None:
-        super().__init__(on_commit, max_event_names, max_tenant_bytes)
+    def __init__(self, path: str, on_commit: CommitHook, **limits: int) -> None:
+        super().__init__(on_commit, **limits)
         self.path = path
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.local = threading.local()
@@ -596,19 +586,17 @@ class Store(SqlEngine):
         self.writer: threading.Thread | None = None
         self.reader_conns: list[sqlite3.Connection] = []
         self.id_floor = 1  # the smallest id the next insert may take (see id_floor)
-        self.lock_fd: int | None = None
+        self.lock_fd: int | None = _lock_for_this_process(path)  # held until close
 
     @classmethod
-    async def open(cls, path: str, on_commit: CommitHook, *, max_event_names: int = 0,
-                   max_tenant_bytes: int = 0) -> Store:
-        """Create or check the database. Raises StoreError when it is corrupt or unreadable,
-        rather than silently starting over with an empty one."""
-        store = cls(path, on_commit, max_event_names, max_tenant_bytes)
-        store.lock_fd = _lock_for_this_process(path)  # the read threads start at the first read
+    async def open(cls, path: str, on_commit: CommitHook, **limits: int) -> Store:
+        """Create or check the database (the limits: see open_store). Raises StoreError when
+        it is corrupt or unreadable, rather than silently starting over with an empty one."""
+        store = cls(path, on_commit, **limits)  # the read threads start at the first read
         try:
             writer_conn = await store.loop.run_in_executor(None, store._open_writer)
         except sqlite3.Error as exc:
-            os.close(store.lock_fd)
+            await store.close()  # the lock
             raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         store.writer = threading.Thread(target=store._write_loop, args=(writer_conn,),
                                         name="store-write", daemon=True)
@@ -618,13 +606,18 @@ class Store(SqlEngine):
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path)
         try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk (the WAL is fsynced) before we acknowledge it.
+            conn.execute("PRAGMA synchronous = FULL")
+            # Checkpoints reuse the WAL from its start; this truncates it back after one that
+            # grew large (a burst, a long backup), so the WAL stays bounded on a small disk.
+            conn.execute("PRAGMA journal_size_limit = 16777216")
             conn.executescript(SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
             if "access_changed_at" not in columns:  # a database of the first release
                 conn.execute("ALTER TABLE users ADD COLUMN access_changed_at INTEGER")
-            # Touch every table: a damaged file fails here, at start, not at the first request.
-            for table in TABLES:
-                conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()
+            # A damaged file fails here, at start, not at the first request: quick_check
+            # reads every page of every table and index.
             ok = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {ok}")
@@ -660,28 +653,23 @@ class Store(SqlEngine):
         return await future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                break
-            batch = [job]
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.jobs.put(None)  # stop after this batch
-                    break
-                batch.append(more)
-            events, error = self._commit(conn, batch)
-            self.loop.call_soon_threadsafe(self._finish, batch, events, error)
+        stopping = False
+        while not stopping:
+            # A batch: the next job and every one queued meanwhile; None (close) ends it.
+            batch = [self.jobs.get()]
+            while batch[-1] is not None and len(batch) < MAX_BATCH and not self.jobs.empty():
+                batch.append(self.jobs.get())
+            stopping = batch[-1] is None
+            jobs = [job for job in batch if job is not None]
+            if jobs:  # not only the None of close, which takes no write lock
+                error = self._commit(conn, jobs)
+                self.loop.call_soon_threadsafe(self._finish, jobs, error)
         conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> tuple[list[Event], Any]:
-        """Run a batch in one transaction. A job's own failure (say a taken username) is
-        rolled back to its savepoint and stays its own; a failed commit fails them all."""
-        events: list[Event] = []
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> StoreError | None:
+        """Run a batch in one transaction. A job's own failure (a quota refusal, a value
+        that breaks a constraint) is rolled back to its savepoint and stays its own (its
+        result); a failed commit fails them all (the error returned)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -695,19 +683,17 @@ class Store(SqlEngine):
                     conn.execute("ROLLBACK TO job")
                     job.result = exc
                 conn.execute("RELEASE job")
-                if isinstance(job.result, Event):
-                    events.append(job.result)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            return [], StoreError(str(exc))
-        return events, None
+            with contextlib.suppress(sqlite3.Error):  # no transaction may be open
+                conn.execute("ROLLBACK")
+            return StoreError(str(exc))
+        return None
 
-    def _finish(self, batch: list[_Job], events: list[Event], error: Exception | None) -> None:
+    def _finish(self, batch: list[_Job], error: StoreError | None) -> None:
         # Publish first, so subscribers hear of an event no later than its publisher does.
-        self._publish(events)
+        if error is None:
+            self._publish([job.result for job in batch if isinstance(job.result, Event)])
         for job in batch:
             settle(job.future, error or job.result)
 
@@ -746,8 +732,7 @@ class Store(SqlEngine):
             refused, old = conn.execute(QUOTA_CHECK, args).fetchone()
             if refused:
                 raise self.quota_exceeded(tenant_name, refused)
-            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, names=int(old is None),
-                        bytes=size - (old or 0))
+            args.update(id=conn.execute(INSERT_EVENT, args).lastrowid, old=old)
             conn.execute(UPSERT_LATEST, args)
             conn.execute(ADD_USAGE, args)
             return Event(args["id"], tenant_name, event, data, args["stamp"])
@@ -758,20 +743,20 @@ class Store(SqlEngine):
         """As Engine.resume_page: one read transaction; the page is read row by row, so
         nothing past `max_bytes` is loaded."""
         def run(conn: sqlite3.Connection) -> tuple[list[Event], int] | None:
+            args = _named(tenant_name, after_id, username, limit)
             conn.execute("BEGIN")
             try:
-                proven = conn.execute(f"SELECT {RESUME_PROOF}",
-                                      _named(tenant_name, after_id, username)).fetchone()[0]
+                proven, newest = conn.execute(RESUME_HEAD, args).fetchone()
                 if not proven:
                     return None
                 page: list[Event] = []
                 size = 0
-                rows = conn.execute(EVENTS_AFTER, _named(tenant_name, after_id, limit))
+                rows = conn.execute(TENANT_PAGE, args)
                 while (size < max_bytes or not page) and (row := rows.fetchone()):
                     page.append(Event(*row))
                     size += len(row[3])
                 rows.close()
-                return page, conn.execute(NEWEST_ID).fetchone()[0]
+                return page, newest
             finally:
                 conn.execute("COMMIT")
         return await self._read(run)
@@ -795,10 +780,8 @@ class Store(SqlEngine):
         # would cover the ids being copied); the next start records one above them.
         await self._change("DELETE FROM id_gaps")
         async for table, rows in pages:
-            if not rows:
-                continue
-            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES " \
-                        f"({', '.join('?' * len(rows[0]))})"
+            marks = ", ".join("?" for _ in TABLES[table].split(","))
+            statement = f"INSERT INTO {table} ({TABLES[table]}) VALUES ({marks})"
 
             def insert(conn: sqlite3.Connection, query: str = statement, page: list = rows) -> None:
                 conn.executemany(query, page)
@@ -817,10 +800,8 @@ def _lock_for_this_process(path: str) -> int:
     A new file is created 0600 (it holds password hashes and the JWT secret); SQLite gives
     its -wal and -shm files the database file's mode."""
     try:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except PermissionError:  # a read-only file: flock works on any descriptor
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Read-only suffices (flock works on any descriptor), so a read-only file opens too.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StoreError(f"cannot open database {path!r}: {exc.strerror}") from exc
     try:

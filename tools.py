@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from store import Engine, Event, StoreError, is_postgres_url, open_store, shown_db
+from store import Engine, StoreError, is_postgres_url, open_store, shown_db
 
 BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default page size)
 
@@ -25,10 +25,9 @@ BACKUP_STEP_PAGES = 1024  # pages copied per step (4 MiB with SQLite's default p
 
 
 def backup(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="broker backup",
-        description="Write a consistent copy of a database, live or not, then check the "
-                    "copy's integrity. The server keeps running and inserting meanwhile.")
+    parser = argparse.ArgumentParser(prog="broker backup", description=(
+        "Write a consistent copy of a database, live or not, then check the copy's integrity. "
+        "The server keeps running and inserting meanwhile."))
     parser.add_argument("dest", metavar="DEST", help="the file to write (replaced if it exists)")
     # --db, with BROKER_DB and the default as for the server.
     parser.add_argument("--db", "-d", default=os.environ.get("BROKER_DB", "broker.db"),
@@ -64,28 +63,24 @@ def backup_database(source: str, dest: str) -> int:
         raise OSError(f"{dest}-wal exists: DEST is a database in use; choose another DEST")
     partial = f"{dest}.partial"
     Path(partial).unlink(missing_ok=True)
-    src = sqlite3.connect(f"file:{source}?mode=rw", uri=True, isolation_level=None)
     try:
-        src.execute("PRAGMA busy_timeout = 5000")
-        src.execute("BEGIN")
-        src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
-        copy = sqlite3.connect(partial, isolation_level=None)
-        try:
-            src.backup(copy, pages=BACKUP_STEP_PAGES)
-            problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("integrity check of the copy failed: "
-                                            + "; ".join(problems[:5]))
-            pages = copy.execute("PRAGMA page_count").fetchone()[0]
-        finally:
-            copy.close()
-        src.execute("COMMIT")
+        with contextlib.closing(sqlite3.connect(f"file:{source}?mode=rw", uri=True,
+                                                isolation_level=None)) as src:
+            src.execute("PRAGMA busy_timeout = 5000")
+            src.execute("BEGIN")
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # before data
+            with contextlib.closing(sqlite3.connect(partial, isolation_level=None)) as copy:
+                src.backup(copy, pages=BACKUP_STEP_PAGES)
+                problems = [row[0] for row in copy.execute("PRAGMA integrity_check")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("integrity check of the copy failed: "
+                                                + "; ".join(problems[:5]))
+                pages = copy.execute("PRAGMA page_count").fetchone()[0]
+            src.execute("COMMIT")
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    finally:
-        src.close()
     os.chmod(partial, copy_mode(source))
     os.replace(partial, dest)
     return pages
@@ -105,18 +100,17 @@ class ToolError(Exception):
 
 
 def migrate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="broker migrate",
-        description="Copy everything (users, events with their ids, latest values, the JWT "
-                    "secret) from one database to another: SQLite to PostgreSQL or back. Stop "
-                    "the brokers using SOURCE first.")
+    parser = argparse.ArgumentParser(prog="broker migrate", description=(
+        "Copy everything (users, events with their ids, latest values, the JWT secret) from "
+        "one database to another: SQLite to PostgreSQL or back. Stop the brokers using SOURCE "
+        "first."))
     parser.add_argument("source", help="SQLite path or postgresql:// URL to copy from")
     parser.add_argument("target", help="a SQLite path that does not exist yet, or an empty "
                                        "PostgreSQL database")
     args = parser.parse_args(argv)
     try:
         counts = asyncio.run(copy_database(args.source, args.target))
-    except ToolError as exc:
+    except (ToolError, StoreError) as exc:
         print(f"broker migrate: {exc}", file=sys.stderr)
         return 1
     print(f"broker migrate: copied {shown_db(args.source)} to {shown_db(args.target)}: "
@@ -150,34 +144,27 @@ async def _copy(source: str, target: str) -> dict[str, int]:
     async with contextlib.AsyncExitStack() as opened:
         from_store = await _open(source, "source", opened)
         to_store = await _open(target, "target", opened)
-        try:
-            counts = await to_store.table_counts()
-            # Every open records a gap of its own (import_tables replaces it): not content.
-            if any(count for table, count in counts.items() if table != "id_gaps"):
-                raise ToolError("the target database is not empty: nothing was changed")
-            await to_store.import_tables(from_store.export_tables())
-            want, got = await from_store.table_counts(), await to_store.table_counts()
-            if want != got:
-                raise ToolError(f"the copy is incomplete: {want} in the source, {got} copied")
-            if await from_store.newest_event_id() != await to_store.newest_event_id():
-                raise ToolError("the newest event ids differ after the copy")
-            return got
-        except StoreError as exc:
-            raise ToolError(str(exc)) from None
+        counts = await to_store.table_counts()
+        # Every open records a gap of its own (import_tables replaces it): not content.
+        if any(count for table, count in counts.items() if table != "id_gaps"):
+            raise ToolError("the target database is not empty: nothing was changed")
+        await to_store.import_tables(from_store.export_tables())
+        want, got = await from_store.table_counts(), await to_store.table_counts()
+        if want != got:
+            raise ToolError(f"the copy is incomplete: {want} in the source, {got} copied")
+        if await from_store.newest_event_id() != await to_store.newest_event_id():
+            raise ToolError("the newest event ids differ after the copy")
+        return got
 
 
 async def _open(db: str, role: str, opened: contextlib.AsyncExitStack) -> Engine:
     """Open one database of the copy; it is closed when `opened` ends."""
     try:
-        engine = await open_store(db, _ignore)
+        engine = await open_store(db, lambda events: None)  # nobody subscribes to a copy
     except StoreError as exc:
         raise ToolError(f"{role}: {exc}") from None
     opened.push_async_callback(engine.close)
     return engine
-
-
-def _ignore(events: list[Event]) -> None:
-    """Nobody subscribes during a copy."""
 
 
 # -- dispatch -----------------------------------------------------------------------------------
