@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -203,14 +204,6 @@ def setup_logging(config: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # Requests, responses and errors
 # ---------------------------------------------------------------------------------------
-
-REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
-           413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}
-
 
 class HTTPError(Exception):
     """Raised anywhere in a handler; becomes `{"error": message}` with this status."""
@@ -1953,7 +1946,7 @@ class Connection(asyncio.Protocol):
             headers += [("content-type", response.content_type),
                         ("content-length", str(len(response.body)))]
         out = self.http.send(h11.Response(status_code=response.status, headers=headers,
-                                          reason=REASONS.get(response.status, "")))
+                                          reason=HTTPStatus(response.status).phrase))
         if response.body and method != "HEAD":
             out += self.http.send(h11.Data(data=response.body))
         out += self.http.send(h11.EndOfMessage())
@@ -1983,7 +1976,7 @@ class Connection(asyncio.Protocol):
         if self.transport.is_closing():
             return
         body = compact_json({"error": message})
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
                 "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", f"access-control-allow-origin: {self.app.config.origin}"]
         head += [f"{name}: {value}" for name, value in headers or []]
