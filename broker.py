@@ -168,20 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return config
 
 
-def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
-    # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
-    # a server needs it.
-    import argon2
-
-    return_big_blocks_to_the_system()
-
-    # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
-    # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
-    return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
-                                 memory_cost=config.argon2_memory_kib,
-                                 parallelism=config.argon2_parallelism)
-
-
 class JSONLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
@@ -194,10 +180,8 @@ class JSONLogFormatter(logging.Formatter):
 
 def setup_logging(config: argparse.Namespace) -> None:
     handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(JSONLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    text = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(JSONLogFormatter() if config.log_format == "json" else text)
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
 
 
@@ -1081,7 +1065,6 @@ class Auth:
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
         self.changes = 0  # account changes seen: a read of a user that one overtook is not kept
-        self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
@@ -1097,11 +1080,18 @@ class Auth:
         self.throttle = Throttle()
         self.insert_rate = InsertRate(config.max_inserts_per_second)
 
-    @property
+    @functools.cached_property
     def hasher(self) -> argon2.PasswordHasher:
-        if self._hasher is None:
-            self._hasher = password_hasher(self.config)
-        return self._hasher
+        # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
+        # a server needs it.
+        import argon2
+
+        return_big_blocks_to_the_system()
+        # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
+        # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
+        return argon2.PasswordHasher(time_cost=self.config.argon2_time_cost,
+                                     memory_cost=self.config.argon2_memory_kib,
+                                     parallelism=self.config.argon2_parallelism)
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
