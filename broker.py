@@ -242,14 +242,11 @@ def compact_json(obj: Any) -> bytes:
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
+def _finite_number(text: str) -> float:
+    """A JSON number as a float; NaN, Infinity and numbers too large for a float refused."""
     value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"{text} is out of range")
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
     return value
 
 
@@ -259,8 +256,8 @@ def read_json(req: Request) -> dict[str, Any]:
     try:
         # Strict UTF-8 (json.loads on bytes would let encoded surrogates through), no NaN or
         # Infinity, and no nesting deep enough to exhaust the recursion limit.
-        body = json.loads(req.body.decode("utf-8"), parse_constant=_no_constants,
-                          parse_float=_finite_float)
+        body = json.loads(req.body.decode("utf-8"), parse_constant=_finite_number,
+                          parse_float=_finite_number)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         content_type = req.headers.get("content-type", "")
         if content_type and "json" not in content_type.lower():
