@@ -281,11 +281,16 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 
 
-def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
-    """A non-empty string of at most max_len characters without control characters."""
+def string_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str):
         raise HTTPError(400, f"{name} is required and must be a string")
+    return value
+
+
+def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
+    """A non-empty string of at most max_len characters without control characters."""
+    value = string_field(body, name)
     if not 1 <= len(value) <= max_len:
         raise HTTPError(400, f"{name} must be 1 to {max_len} characters")
     if CONTROL_CHARS.search(value):
@@ -294,9 +299,7 @@ def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
 
 
 def password_field(body: dict[str, Any], checker: Callable[[str], str | None] | None) -> str:
-    value = body.get("password")
-    if not isinstance(value, str):
-        raise HTTPError(400, "password is required and must be a string")
+    value = string_field(body, "password")
     if not 8 <= len(value) <= 1024:
         raise HTTPError(400, "password must be 8 to 1024 characters")
     problem = checker(value) if checker else None
@@ -325,9 +328,14 @@ def scopes_field(body: dict[str, Any]) -> list[str]:
     return value
 
 
-def event_name_field(body: dict[str, Any]) -> str:
-    # A CR or LF in the name would inject SSE fields into every subscriber's stream.
-    return text_field(body, "event", max_len=256)
+# The fields of an account besides its username and password, each with its check, in the
+# order they are checked (create_user: every one; update_user: those in the body).
+ACCOUNT_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "tenant_name": lambda body: text_field(body, "tenant_name"),
+    "email": email_field,
+    "scopes": scopes_field,
+    "data": lambda body: body.get("data"),
+}
 
 
 # -- scopes: which events a user may insert and receive (with --enforce_scopes) -----------
@@ -1193,10 +1201,7 @@ class Auth:
         return updated
 
     def check_admin(self, body: dict[str, Any], client: str) -> None:
-        token = body.get("admin_token")
-        if not isinstance(token, str):
-            raise HTTPError(400, "admin_token is required and must be a string")
-        if not self.is_admin_token(token, client):
+        if not self.is_admin_token(string_field(body, "admin_token"), client):
             raise HTTPError(401, "wrong admin_token")
 
     def is_admin_token(self, token: str, client: str) -> bool:
@@ -1508,11 +1513,9 @@ class App:
         self.auth.check_admin(body, req.client)
         username = text_field(body, "username")
         password = password_field(body, self.password_checker)
-        tenant = text_field(body, "tenant_name")
-        email = email_field(body)
-        scopes = scopes_field(body)
+        fields = {name: check(body) for name, check in ACCOUNT_FIELDS.items()}
         user = User(str(uuid.uuid4()), username, await self.auth.hash(password), False,
-                    tenant, email, scopes, body.get("data"), 0)
+                    tokens_valid_after=0, **fields)
         try:
             await self.store.create_user(user)
         except UsernameTaken:
@@ -1523,9 +1526,7 @@ class App:
     async def login(self, req: Request) -> Response:
         body = read_json(req)
         username = text_field(body, "username")  # 1-64 characters, as at create_user
-        password = body.get("password")
-        if not isinstance(password, str):
-            raise HTTPError(400, "password is required and must be a string")
+        password = string_field(body, "password")
         user = await self.auth.check_password(username, password, req.client)
         token = await self.auth.issue_jwt(user)
         self.auth.current(user)  # not revoked, nor the password changed, while it was checked
@@ -1540,7 +1541,8 @@ class App:
     async def insert(self, req: Request) -> Response:
         user = await self.auth.authenticate(req)
         body = read_json(req)
-        name = event_name_field(body)
+        # A CR or LF in the name would inject SSE fields into every subscriber's stream.
+        name = text_field(body, "event", max_len=256)
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
@@ -1631,10 +1633,7 @@ class App:
     def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
         body = read_json(req)
         self.auth.check_admin(body, req.client)
-        username = body.get("username")
-        if not isinstance(username, str):
-            raise HTTPError(400, "username is required and must be a string")
-        return body, username
+        return body, string_field(body, "username")
 
     async def _change_user(self, username: str, changes: dict[str, Any]) -> User:
         user = await self.store.update_user(username, changes)
@@ -1667,17 +1666,9 @@ class App:
 
     async def update_user(self, req: Request) -> Response:
         body, username = self._admin_target(req)
-        changes: dict[str, Any] = {}
-        if "tenant_name" in body:
-            changes["tenant_name"] = text_field(body, "tenant_name")
-        if "email" in body:
-            changes["email"] = email_field(body)
-        if "scopes" in body:
-            changes["scopes"] = scopes_field(body)
-        if "data" in body:
-            changes["data"] = body["data"]
-        password = password_field(body, self.password_checker) if "password" in body else None
-        if password is not None:
+        changes = {name: check(body) for name, check in ACCOUNT_FIELDS.items() if name in body}
+        if "password" in body:
+            password = password_field(body, self.password_checker)
             changes["password_hash"] = await self.auth.hash(password)
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
@@ -1694,7 +1685,7 @@ class App:
         try:
             user = await self._change_user(username, changes)
         finally:
-            if moving or rescoped or password is not None:
+            if moving or rescoped or "password" in body:
                 self.hub.end_user(username)  # they reconnect with the new state
         return reply(user_object(user))
 
