@@ -1125,18 +1125,17 @@ class Auth:
         return now
 
     def remember(self, user: User) -> None:
+        """Cache the user as it is now, in place of everything cached about it before."""
+        self.forget(user.username)
         self.users[user.username] = user
-        self.changes += 1
-        self.basic_verified.pop(user.username, None)
 
     def forget(self, username: str) -> None:
         """Drop everything cached about a user (changed by another process)."""
         self.users.pop(username, None)
         self.changes += 1
         self.basic_verified.pop(username, None)
-        for token in [t for t, claims in self.verified_tokens.items()
-                      if claims.get("sub") == username]:
-            del self.verified_tokens[token]
+        self.verified_tokens = {token: claims for token, claims in self.verified_tokens.items()
+                                if claims["sub"] != username}
 
     # -- passwords --------------------------------------------------------------------
     async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -1153,13 +1152,11 @@ class Auth:
         return await self._in_pool(self.hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        def check() -> bool:
-            from argon2.exceptions import InvalidHashError, VerificationError
-            try:
-                return self.hasher.verify(password_hash, password)
-            except (VerificationError, InvalidHashError):
-                return False
-        return await self._in_pool(check)
+        from argon2.exceptions import InvalidHashError, VerificationError
+        try:
+            return await self._in_pool(self.hasher.verify, password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
 
     async def check_password(self, username: str, password: str, client: str) -> User:
         """The user, if the password is right and the user not revoked; else 401 (or 429)."""
@@ -1172,9 +1169,10 @@ class Auth:
         # Verify against a dummy hash for unknown users, so timing does not reveal names.
         # The dummy is made before the lookup, whoever asks: only the very first check
         # after start pays for it, known user or not.
-        dummy = self.dummy_hash or await self.make_dummy_hash()
+        if self.dummy_hash is None:
+            self.dummy_hash = await self.hash(secrets.token_hex(8))
         user = await self.user(username)
-        ok = await self.verify(user.password_hash if user else dummy, password)
+        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
         if not ok or user is None or user.revoked:
             self.throttle.fail(f"user:{username}")
             self.throttle.fail(f"addr:{client}")
@@ -1182,10 +1180,6 @@ class Auth:
         if self.hasher.check_needs_rehash(user.password_hash):
             user = await self.rehash(user, password)
         return user
-
-    async def make_dummy_hash(self) -> str:
-        self.dummy_hash = await self._in_pool(self.hasher.hash, secrets.token_hex(8))
-        return self.dummy_hash
 
     async def rehash(self, user: User, password: str) -> User:
         """Store the password hashed with the current Argon2 parameters (they changed since
