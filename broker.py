@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1333,7 +1334,7 @@ class Metrics:
     """Counters, and the Prometheus text of them and of the server's gauges."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
         self.events_inserted = 0
         self.insert_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.insert_seconds = 0.0
@@ -1342,10 +1343,6 @@ class Metrics:
         self.user_streams_closed = 0
         self.state_evictions = 0
         self.quota_refusals = 0
-
-    def count_request(self, route: str, status: int) -> None:
-        key = (route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
 
     def observe_insert(self, seconds: float) -> None:
         self.events_inserted += 1
@@ -1372,6 +1369,7 @@ class Metrics:
         lines = []
         for name, kind, value in samples:
             lines += [f"# TYPE broker_{name} {kind}", f"broker_{name} {value}"]
+        buckets = zip((*LATENCY_BUCKETS, "+Inf"), itertools.accumulate(self.insert_buckets))
         lines += [
             "# TYPE broker_sse_tenant_subscribers gauge",
             *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} {hub.count(name)}'
@@ -1380,13 +1378,11 @@ class Metrics:
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
             "# TYPE broker_insert_duration_seconds histogram",
+            *(f'broker_insert_duration_seconds_bucket{{le="{bound}"}} {count}'
+              for bound, count in buckets),  # cumulative counts
+            f"broker_insert_duration_seconds_sum {self.insert_seconds:.6f}",
+            f"broker_insert_duration_seconds_count {self.events_inserted}",
         ]
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.insert_buckets):
-            cumulative += count
-            lines.append(f'broker_insert_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines += [f"broker_insert_duration_seconds_sum {self.insert_seconds:.6f}",
-                  f"broker_insert_duration_seconds_count {self.events_inserted}"]
         return "\n".join(lines) + "\n"
 
 
@@ -1898,7 +1894,7 @@ class Connection(asyncio.Protocol):
     def log_request(self, method: str, path: str, status: int, client: str) -> None:
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
-        self.app.metrics.count_request(route, status)
+        self.app.metrics.requests[route, status] += 1
         if not log.isEnabledFor(logging.INFO):
             return
         millis = (time.perf_counter() - self.started) * 1000
