@@ -37,7 +37,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -1423,8 +1423,8 @@ class App:
             "/verify": {"GET": self.verify},
             "/insert": {"POST": self.insert},
             "/sse": {"GET": self.sse},
-            "/revoke_user": {"POST": self.revoke_user},
-            "/unrevoke_user": {"POST": self.unrevoke_user},
+            "/revoke_user": {"POST": functools.partial(self.set_revoked, True)},
+            "/unrevoke_user": {"POST": functools.partial(self.set_revoked, False)},
             "/list_users": {"POST": self.list_users},
             "/get_user": {"POST": self.get_user},
             "/update_user": {"POST": self.update_user},
@@ -1626,22 +1626,35 @@ class App:
         return body, string_field(body, "username")
 
     async def _change_user(self, username: str, changes: dict[str, Any]) -> User:
-        user = await self.store.update_user(username, changes)
+        """Apply an admin's changes to a user. Its streams end when what they may carry
+        changes (another tenant, or other scopes with --enforce_scopes) or its credentials
+        do (revoked, a new password); they reconnect with the new state."""
+        before = await self.auth.user(username)
+        if before is None:
+            raise HTTPError(404, f"no user named {username!r}")
+        after = replace(before, **changes)
+        access = after.tenant_name != before.tenant_name \
+            or (self.config.enforce_scopes and after.scopes != before.scopes)
+        if access:
+            # Nothing more may reach the streams once the change commits, so their
+            # Last-Event-ID stays at or before the id the change records
+            # (Engine.update_user), and their resume gets the new state.
+            self.hub.mute_user(username)
+        try:
+            user = await self.store.update_user(username, changes)
+        finally:
+            if access or after.revoked or after.password_hash != before.password_hash:
+                self.hub.end_user(username)
         if user is None:
             raise HTTPError(404, f"no user named {username!r}")
         self.auth.remember(user)
         return user
 
-    async def revoke_user(self, req: Request) -> Response:
+    async def set_revoked(self, revoked: bool, req: Request) -> Response:
+        """/revoke_user and /unrevoke_user."""
         _, username = self._admin_target(req)
-        await self._change_user(username, {"revoked": True})
-        self.hub.end_user(username)
-        return reply({"username": username, "revoked": True})
-
-    async def unrevoke_user(self, req: Request) -> Response:
-        _, username = self._admin_target(req)
-        await self._change_user(username, {"revoked": False})
-        return reply({"username": username, "revoked": False})
+        await self._change_user(username, {"revoked": revoked})
+        return reply({"username": username, "revoked": revoked})
 
     async def list_users(self, req: Request) -> Response:
         self.auth.check_admin(read_json(req), req.client)
@@ -1662,22 +1675,7 @@ class App:
             changes["password_hash"] = await self.auth.hash(password)
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
-        before = await self.auth.user(username)
-        rescoped = self.config.enforce_scopes and before is not None \
-            and changes.get("scopes", before.scopes) != before.scopes
-        moving = before is not None and changes.get("tenant_name", before.tenant_name) \
-            != before.tenant_name
-        if moving or rescoped:
-            # What the user's streams may carry changes: nothing more may reach them once the
-            # change commits, so their Last-Event-ID stays at or before the id the change
-            # records (Engine.update_user), and their resume gets the new state.
-            self.hub.mute_user(username)
-        try:
-            user = await self._change_user(username, changes)
-        finally:
-            if moving or rescoped or "password" in body:
-                self.hub.end_user(username)  # they reconnect with the new state
-        return reply(user_object(user))
+        return reply(user_object(await self._change_user(username, changes)))
 
 
 def stream_head(origin: str, chunked: bool) -> bytes:
