@@ -230,10 +230,6 @@ def reply(obj: Any, status: int = 200) -> Response:
     return Response(status, compact_json(obj))
 
 
-def error_response(exc: HTTPError) -> Response:
-    return Response(exc.status, compact_json({"error": exc.message}), exc.headers)
-
-
 def compact_json(obj: Any) -> bytes:
     # ASCII only (non-ASCII as \u escapes): broker-client decodes the stream one byte per
     # character, so raw UTF-8 in an event's data would reach it garbled.
@@ -1727,7 +1723,7 @@ class Connection(asyncio.Protocol):
         self.client = peer[0] if isinstance(peer, tuple) else "local"
         self.app.connections.add(self)
         if len(self.app.connections) > self.app.config.max_connections:
-            self.reject(503, "too many connections; try again", [("retry-after", "5")])
+            self.reject(HTTPError(503, "too many connections; try again", [("retry-after", "5")]))
             return
         # Small: a client that pipelines requests without reading their answers is held to
         # this much before broker reads no further (an event stream gets --max_buffer).
@@ -1782,7 +1778,7 @@ class Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size():
             self.transport.abort()  # a client that does not read: close() would wait for it
         elif self.reading:
-            self.reject(408, "request not received in time")
+            self.reject(HTTPError(408, "request not received in time"))
         else:
             self.transport.close()  # an idle keep-alive connection
 
@@ -1791,39 +1787,39 @@ class Connection(asyncio.Protocol):
         """Pull h11 events until a request is complete, more data is needed, or it failed.
 
         Garbage from the client ends as RemoteProtocolError: answer it and close, since a
-        broken byte stream cannot be trusted to find the next request's start."""
+        broken byte stream cannot be trusted to find the next request's start. So does a
+        request over a bound (HTTPError)."""
         assert self.http is not None
-        while True:
-            try:
+        try:
+            while True:
                 event = self.http.next_event()
-            except h11.RemoteProtocolError as exc:
-                # h11 hints 431 for an overlong head, 400 for most garbage, and 501 for a
-                # Transfer-Encoding it cannot decode: garbage from the client is a 4xx.
-                hint = exc.error_status_hint
-                self.reject(hint if hint < 500 else 400, f"bad request: {exc}")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                if not self.start_request(event):
+                if event is h11.NEED_DATA or event is h11.PAUSED:
                     return
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > self.app.config.max_body:
-                    self.reject(413, f"body over {self.app.config.max_body} bytes")
+                if isinstance(event, h11.Request):
+                    self.start_request(event)
+                elif isinstance(event, h11.Data):
+                    self.body += event.data
+                    if len(self.body) > self.app.config.max_body:
+                        raise HTTPError(413, f"body over {self.app.config.max_body} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    self.disarm_timer()
+                    self.transport.pause_reading()  # one request at a time; pipelined ones wait
+                    task = asyncio.ensure_future(self.respond())
+                    self.app.in_flight.add(task)
+                    task.add_done_callback(self.app.in_flight.discard)
                     return
-            elif isinstance(event, h11.EndOfMessage):
-                self.disarm_timer()
-                self.transport.pause_reading()  # one request at a time; pipelined ones wait
-                task = asyncio.ensure_future(self.respond())
-                self.app.in_flight.add(task)
-                task.add_done_callback(self.app.in_flight.discard)
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
-                return
+                elif isinstance(event, h11.ConnectionClosed):
+                    self.transport.close()
+                    return
+        except h11.RemoteProtocolError as exc:
+            # h11 hints 431 for an overlong head, 400 for most garbage, and 501 for a
+            # Transfer-Encoding it cannot decode: garbage from the client is a 4xx.
+            hint = exc.error_status_hint
+            self.reject(HTTPError(hint if hint < 500 else 400, f"bad request: {exc}"))
+        except HTTPError as exc:
+            self.reject(exc)
 
-    def start_request(self, request: h11.Request) -> bool:
+    def start_request(self, request: h11.Request) -> None:
         self.request = request
         self.body = bytearray()
         self.started = time.perf_counter()
@@ -1832,21 +1828,17 @@ class Connection(asyncio.Protocol):
         head_size = len(request.method) + len(request.target) + sum(
             len(name) + len(value) + 4 for name, value in request.headers)
         if head_size > MAX_HEADER_BYTES:
-            self.reject(431, "request line and headers over 16 KiB")
-            return False
+            raise HTTPError(431, "request line and headers over 16 KiB")
         headers = dict(request.headers)
         if b"content-length" in headers and b"transfer-encoding" in headers:
             # Ambiguous framing, the stuff of request smuggling (RFC 9112 section 6.1).
-            self.reject(400, "both Content-Length and Transfer-Encoding")
-            return False
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.app.config.max_body:
-            self.reject(413, f"body over {self.app.config.max_body} bytes")
-            return False
+            raise HTTPError(413, f"body over {self.app.config.max_body} bytes")
         if self.http.they_are_waiting_for_100_continue:  # type: ignore[union-attr]
             self.transport.write(self.http.send(  # type: ignore[union-attr]
                 h11.InformationalResponse(status_code=100, headers=[])))
-        return True
 
     def make_request(self) -> Request:
         assert self.request is not None
@@ -1873,7 +1865,7 @@ class Connection(asyncio.Protocol):
         try:
             response = await self.app.dispatch(req)
         except HTTPError as exc:
-            response = error_response(exc)
+            response = Response(exc.status, compact_json({"error": exc.message}), exc.headers)
         except StoreError as exc:
             log.error("storage failure on %s %s: %s", req.method, req.path, exc)
             response = reply({"error": "storage unavailable; try again"}, 503)
@@ -1900,14 +1892,11 @@ class Connection(asyncio.Protocol):
                  extra={"fields": {"method": method, "path": path, "status": status,
                                    "ms": round(millis, 1), "client": client}})
 
-    def base_headers(self) -> list[tuple[str, str]]:
-        return [("access-control-allow-origin", self.app.config.origin)]
-
     def send(self, method: str, response: Response) -> None:
         if self.transport.is_closing():
             return  # the client left while we worked
         assert self.http is not None
-        headers = self.base_headers() + response.headers
+        headers = [("access-control-allow-origin", self.app.config.origin), *response.headers]
         if response.status != 204:
             headers += [("content-type", response.content_type),
                         ("content-length", str(len(response.body)))]
@@ -1934,24 +1923,23 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self.process()
 
-    def reject(self, status: int, message: str,
-               headers: list[tuple[str, str]] | None = None) -> None:
+    def reject(self, error: HTTPError) -> None:
         """Answer with an error and close, outside h11's state machine: used when the byte
         stream is broken, too slow, too big, or we are over capacity."""
         self.disarm_timer()
         if self.transport.is_closing():
             return
-        body = compact_json({"error": message})
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        body = compact_json({"error": error.message})
+        head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
                 "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", f"access-control-allow-origin: {self.app.config.origin}"]
-        head += [f"{name}: {value}" for name, value in headers or []]
+        head += [f"{name}: {value}" for name, value in error.headers]
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         self.transport.close()
         path = self.request.target.split(b"?")[0].decode("ascii", "replace") \
             if self.request else "-"
         log.info("%s %s %d (closed)", self.request.method.decode() if self.request else "-",
-                 path, status)
+                 path, error.status)
         self.http = None
 
     # -- event streams --------------------------------------------------------------------
