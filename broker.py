@@ -1700,7 +1700,7 @@ def last_event_id(req: Request) -> int | None:
 
 class Connection(asyncio.Protocol):
     __slots__ = ("app", "body", "client", "http", "reading", "request", "started", "timer",
-                 "transport", "write_paused")
+                 "transport")
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -1713,7 +1713,6 @@ class Connection(asyncio.Protocol):
         self.reading = False  # a request has begun arriving and is not complete
         self.request: h11.Request | None = None
         self.body = bytearray()
-        self.write_paused = False
         self.started = 0.0
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -1753,12 +1752,8 @@ class Connection(asyncio.Protocol):
         self.app.connections.discard(self)
         self.disarm_timer()
 
-    def pause_writing(self) -> None:
-        # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        self.write_paused = True
-
     def resume_writing(self) -> None:
-        self.write_paused = False
+        # The client has taken most of the answers that had passed HTTP_BUFFER.
         if self.http is not None and self.request is None:  # between requests: read on
             self.transport.resume_reading()
             self.process()
@@ -1919,7 +1914,8 @@ class Connection(asyncio.Protocol):
         self.reading = bool(self.http.trailing_data[0])
         self.arm_timer(self.app.config.request_timeout if self.reading
                        else self.app.config.idle_timeout)
-        if not self.write_paused:  # else resume_writing goes on: answers wait for the client
+        # Over HTTP_BUFFER of answers unsent: resume_writing reads on once the client takes them.
+        if self.transport.get_write_buffer_size() <= HTTP_BUFFER:
             self.transport.resume_reading()
             self.process()
 
