@@ -1683,7 +1683,9 @@ def stream_head(origin: str, chunked: bool) -> bytes:
 
 
 def last_event_id(req: Request) -> int | None:
-    header, query = req.headers.get("last-event-id"), (req.args("last_event_id") or [""])[-1]
+    # Blank (whitespace only, Unicode's too: a latin-1 NBSP, say) is the same as no id.
+    header = req.headers.get("last-event-id", "").strip()
+    query = (req.args("last_event_id") or [""])[-1].strip()
     for raw in (header, query):  # both validated; the header wins when both are given
         # isascii: str.isdigit() is also true for "²", which int() refuses.
         if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
