@@ -17,7 +17,6 @@ import base64
 import bisect
 import contextlib
 import functools
-import hashlib
 import hmac
 import itertools
 import json
@@ -1276,8 +1275,7 @@ class Auth:
         return user
 
     def basic_digest(self, user: User, password: str) -> bytes:
-        return hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
-                        hashlib.sha256).digest()
+        return hmac.digest(self.basic_key, f"{user.password_hash}\0{password}".encode(), "sha256")
 
 
 def return_big_blocks_to_the_system() -> None:
@@ -1742,10 +1740,7 @@ class Connection(asyncio.Protocol):
         self.process()
 
     def eof_received(self) -> bool:
-        if self.http is None:
-            return False
-        self.http.receive_data(b"")
-        self.process()
+        self.data_received(b"")  # to h11, the end of the data
         # Keep our side open to answer a request that ended with the EOF; TLS has no half
         # close (and asyncio warns, once per connection, at a True).
         return self.transport.get_extra_info("sslcontext") is None
@@ -1755,8 +1750,9 @@ class Connection(asyncio.Protocol):
         self.disarm_timer()
 
     def resume_writing(self) -> None:
-        # The client has taken most of the answers that had passed HTTP_BUFFER.
-        if self.http is not None and self.request is None:  # between requests: read on
+        """Read on, between requests: asyncio calls this once the client has taken most of
+        the answers that had passed HTTP_BUFFER, next_request when they are within it."""
+        if self.http is not None and self.request is None:
             self.transport.resume_reading()
             self.process()
 
@@ -1916,10 +1912,8 @@ class Connection(asyncio.Protocol):
         self.reading = bool(self.http.trailing_data[0])
         self.arm_timer(self.app.config.request_timeout if self.reading
                        else self.app.config.idle_timeout)
-        # Over HTTP_BUFFER of answers unsent: resume_writing reads on once the client takes them.
         if self.transport.get_write_buffer_size() <= HTTP_BUFFER:
-            self.transport.resume_reading()
-            self.process()
+            self.resume_writing()
 
     def reject(self, error: HTTPError) -> None:
         """Answer with an error and close, outside h11's state machine: used when the byte
