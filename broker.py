@@ -1826,8 +1826,7 @@ class Connection(asyncio.Protocol):
         if b"content-length" in headers and b"transfer-encoding" in headers:
             # Ambiguous framing, the stuff of request smuggling (RFC 9112 section 6.1).
             raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-        length = headers.get(b"content-length")
-        if length is not None and int(length) > self.app.config.max_body:
+        if int(headers.get(b"content-length", 0)) > self.app.config.max_body:
             raise HTTPError(413, f"body over {self.app.config.max_body} bytes")
         if self.http.they_are_waiting_for_100_continue:  # type: ignore[union-attr]
             self.transport.write(self.http.send(  # type: ignore[union-attr]
@@ -1836,11 +1835,10 @@ class Connection(asyncio.Protocol):
     def make_request(self) -> Request:
         assert self.request is not None
         target = urlsplit(self.request.target.decode("ascii", "replace"))
-        headers: dict[str, str] = {}
+        values: dict[str, list[str]] = {}  # lower-case names (h11); repeated ones joined
         for name, value in self.request.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+        headers = {name: ", ".join(joined) for name, joined in values.items()}
         return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
                        parse_qsl(target.query, keep_blank_values=True), headers,
                        bytes(self.body), self.client_address(headers), self)
@@ -2000,8 +1998,7 @@ async def serve(config: argparse.Namespace) -> None:
     try:
         await app.start()
     except StoreError as exc:
-        log.error("%s", exc)
-        log.error("refusing to start (the database was not changed)")
+        log.error("%s; refusing to start (the database was not changed)", exc)
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
