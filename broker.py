@@ -17,7 +17,6 @@ import base64
 import bisect
 import contextlib
 import functools
-import hashlib
 import hmac
 import itertools
 import json
@@ -34,9 +33,11 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -167,20 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return config
 
 
-def password_hasher(config: argparse.Namespace) -> argon2.PasswordHasher:
-    # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
-    # a server needs it.
-    import argon2
-
-    return_big_blocks_to_the_system()
-
-    # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
-    # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
-    return argon2.PasswordHasher(time_cost=config.argon2_time_cost,
-                                 memory_cost=config.argon2_memory_kib,
-                                 parallelism=config.argon2_parallelism)
-
-
 class JSONLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname.lower(),
@@ -193,24 +180,14 @@ class JSONLogFormatter(logging.Formatter):
 
 def setup_logging(config: argparse.Namespace) -> None:
     handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(JSONLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    text = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(JSONLogFormatter() if config.log_format == "json" else text)
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
 
 
 # ---------------------------------------------------------------------------------------
 # Requests, responses and errors
 # ---------------------------------------------------------------------------------------
-
-REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout",
-           413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
-           431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}
-
 
 class HTTPError(Exception):
     """Raised anywhere in a handler; becomes `{"error": message}` with this status."""
@@ -252,10 +229,6 @@ def reply(obj: Any, status: int = 200) -> Response:
     return Response(status, compact_json(obj))
 
 
-def error_response(exc: HTTPError) -> Response:
-    return Response(exc.status, compact_json({"error": exc.message}), exc.headers)
-
-
 def compact_json(obj: Any) -> bytes:
     # ASCII only (non-ASCII as \u escapes): broker-client decodes the stream one byte per
     # character, so raw UTF-8 in an event's data would reach it garbled.
@@ -265,14 +238,11 @@ def compact_json(obj: Any) -> bytes:
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
+def _finite_number(text: str) -> float:
+    """A JSON number as a float; NaN, Infinity and numbers too large for a float refused."""
     value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"{text} is out of range")
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
     return value
 
 
@@ -282,8 +252,8 @@ def read_json(req: Request) -> dict[str, Any]:
     try:
         # Strict UTF-8 (json.loads on bytes would let encoded surrogates through), no NaN or
         # Infinity, and no nesting deep enough to exhaust the recursion limit.
-        body = json.loads(req.body.decode("utf-8"), parse_constant=_no_constants,
-                          parse_float=_finite_float)
+        body = json.loads(req.body.decode("utf-8"), parse_constant=_finite_number,
+                          parse_float=_finite_number)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         content_type = req.headers.get("content-type", "")
         if content_type and "json" not in content_type.lower():
@@ -307,11 +277,16 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s.]+")
 
 
-def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
-    """A non-empty string of at most max_len characters without control characters."""
+def string_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str):
         raise HTTPError(400, f"{name} is required and must be a string")
+    return value
+
+
+def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
+    """A non-empty string of at most max_len characters without control characters."""
+    value = string_field(body, name)
     if not 1 <= len(value) <= max_len:
         raise HTTPError(400, f"{name} must be 1 to {max_len} characters")
     if CONTROL_CHARS.search(value):
@@ -320,9 +295,7 @@ def text_field(body: dict[str, Any], name: str, *, max_len: int = 64) -> str:
 
 
 def password_field(body: dict[str, Any], checker: Callable[[str], str | None] | None) -> str:
-    value = body.get("password")
-    if not isinstance(value, str):
-        raise HTTPError(400, "password is required and must be a string")
+    value = string_field(body, "password")
     if not 8 <= len(value) <= 1024:
         raise HTTPError(400, "password must be 8 to 1024 characters")
     problem = checker(value) if checker else None
@@ -351,9 +324,14 @@ def scopes_field(body: dict[str, Any]) -> list[str]:
     return value
 
 
-def event_name_field(body: dict[str, Any]) -> str:
-    # A CR or LF in the name would inject SSE fields into every subscriber's stream.
-    return text_field(body, "event", max_len=256)
+# The fields of an account besides its username and password, each with its check, in the
+# order they are checked (create_user: every one; update_user: those in the body).
+ACCOUNT_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "tenant_name": lambda body: text_field(body, "tenant_name"),
+    "email": email_field,
+    "scopes": scopes_field,
+    "data": lambda body: body.get("data"),
+}
 
 
 # -- scopes: which events a user may insert and receive (with --enforce_scopes) -----------
@@ -1090,7 +1068,6 @@ class Auth:
         self.jwt_secret = jwt_secret
         self.users: dict[str, User] = {}
         self.changes = 0  # account changes seen: a read of a user that one overtook is not kept
-        self._hasher: argon2.PasswordHasher | None = None
         # One thread: Argon2 is CPU-bound; a login flood must leave a core to the loop.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="argon2",
                                        initializer=lower_thread_priority)
@@ -1106,11 +1083,18 @@ class Auth:
         self.throttle = Throttle()
         self.insert_rate = InsertRate(config.max_inserts_per_second)
 
-    @property
+    @functools.cached_property
     def hasher(self) -> argon2.PasswordHasher:
-        if self._hasher is None:
-            self._hasher = password_hasher(self.config)
-        return self._hasher
+        # Imported at the first password check, not at start: its 1 MB (and cffi) waits until
+        # a server needs it.
+        import argon2
+
+        return_big_blocks_to_the_system()
+        # Default: OWASP's recommended Argon2id profile (m=19456 KiB, t=2, p=1), also the
+        # default of Rust's `argon2` crate: about 26 ms of CPU and 19 MiB per hash.
+        return argon2.PasswordHasher(time_cost=self.config.argon2_time_cost,
+                                     memory_cost=self.config.argon2_memory_kib,
+                                     parallelism=self.config.argon2_parallelism)
 
     # -- users ------------------------------------------------------------------------
     async def user(self, username: str) -> User | None:
@@ -1139,18 +1123,17 @@ class Auth:
         return now
 
     def remember(self, user: User) -> None:
+        """Cache the user as it is now, in place of everything cached about it before."""
+        self.forget(user.username)
         self.users[user.username] = user
-        self.changes += 1
-        self.basic_verified.pop(user.username, None)
 
     def forget(self, username: str) -> None:
         """Drop everything cached about a user (changed by another process)."""
         self.users.pop(username, None)
         self.changes += 1
         self.basic_verified.pop(username, None)
-        for token in [t for t, claims in self.verified_tokens.items()
-                      if claims.get("sub") == username]:
-            del self.verified_tokens[token]
+        self.verified_tokens = {token: claims for token, claims in self.verified_tokens.items()
+                                if claims["sub"] != username}
 
     # -- passwords --------------------------------------------------------------------
     async def _in_pool(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -1167,13 +1150,11 @@ class Auth:
         return await self._in_pool(self.hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        def check() -> bool:
-            from argon2.exceptions import InvalidHashError, VerificationError
-            try:
-                return self.hasher.verify(password_hash, password)
-            except (VerificationError, InvalidHashError):
-                return False
-        return await self._in_pool(check)
+        from argon2.exceptions import InvalidHashError, VerificationError
+        try:
+            return await self._in_pool(self.hasher.verify, password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
 
     async def check_password(self, username: str, password: str, client: str) -> User:
         """The user, if the password is right and the user not revoked; else 401 (or 429)."""
@@ -1186,9 +1167,10 @@ class Auth:
         # Verify against a dummy hash for unknown users, so timing does not reveal names.
         # The dummy is made before the lookup, whoever asks: only the very first check
         # after start pays for it, known user or not.
-        dummy = self.dummy_hash or await self.make_dummy_hash()
+        if self.dummy_hash is None:
+            self.dummy_hash = await self.hash(secrets.token_hex(8))
         user = await self.user(username)
-        ok = await self.verify(user.password_hash if user else dummy, password)
+        ok = await self.verify(user.password_hash if user else self.dummy_hash, password)
         if not ok or user is None or user.revoked:
             self.throttle.fail(f"user:{username}")
             self.throttle.fail(f"addr:{client}")
@@ -1196,10 +1178,6 @@ class Auth:
         if self.hasher.check_needs_rehash(user.password_hash):
             user = await self.rehash(user, password)
         return user
-
-    async def make_dummy_hash(self) -> str:
-        self.dummy_hash = await self._in_pool(self.hasher.hash, secrets.token_hex(8))
-        return self.dummy_hash
 
     async def rehash(self, user: User, password: str) -> User:
         """Store the password hashed with the current Argon2 parameters (they changed since
@@ -1215,10 +1193,7 @@ class Auth:
         return updated
 
     def check_admin(self, body: dict[str, Any], client: str) -> None:
-        token = body.get("admin_token")
-        if not isinstance(token, str):
-            raise HTTPError(400, "admin_token is required and must be a string")
-        if not self.is_admin_token(token, client):
+        if not self.is_admin_token(string_field(body, "admin_token"), client):
             raise HTTPError(401, "wrong admin_token")
 
     def is_admin_token(self, token: str, client: str) -> bool:
@@ -1302,8 +1277,7 @@ class Auth:
         return user
 
     def basic_digest(self, user: User, password: str) -> bytes:
-        return hmac.new(self.basic_key, f"{user.password_hash}\0{password}".encode(),
-                        hashlib.sha256).digest()
+        return hmac.digest(self.basic_key, f"{user.password_hash}\0{password}".encode(), "sha256")
 
 
 def return_big_blocks_to_the_system() -> None:
@@ -1356,7 +1330,7 @@ class Metrics:
     """Counters, and the Prometheus text of them and of the server's gauges."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
         self.events_inserted = 0
         self.insert_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.insert_seconds = 0.0
@@ -1365,10 +1339,6 @@ class Metrics:
         self.user_streams_closed = 0
         self.state_evictions = 0
         self.quota_refusals = 0
-
-    def count_request(self, route: str, status: int) -> None:
-        key = (route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
 
     def observe_insert(self, seconds: float) -> None:
         self.events_inserted += 1
@@ -1395,6 +1365,7 @@ class Metrics:
         lines = []
         for name, kind, value in samples:
             lines += [f"# TYPE broker_{name} {kind}", f"broker_{name} {value}"]
+        buckets = zip((*LATENCY_BUCKETS, "+Inf"), itertools.accumulate(self.insert_buckets))
         lines += [
             "# TYPE broker_sse_tenant_subscribers gauge",
             *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} {hub.count(name)}'
@@ -1403,13 +1374,11 @@ class Metrics:
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
             "# TYPE broker_insert_duration_seconds histogram",
+            *(f'broker_insert_duration_seconds_bucket{{le="{bound}"}} {count}'
+              for bound, count in buckets),  # cumulative counts
+            f"broker_insert_duration_seconds_sum {self.insert_seconds:.6f}",
+            f"broker_insert_duration_seconds_count {self.events_inserted}",
         ]
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.insert_buckets):
-            cumulative += count
-            lines.append(f'broker_insert_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines += [f"broker_insert_duration_seconds_sum {self.insert_seconds:.6f}",
-                  f"broker_insert_duration_seconds_count {self.events_inserted}"]
         return "\n".join(lines) + "\n"
 
 
@@ -1450,8 +1419,8 @@ class App:
             "/verify": {"GET": self.verify},
             "/insert": {"POST": self.insert},
             "/sse": {"GET": self.sse},
-            "/revoke_user": {"POST": self.revoke_user},
-            "/unrevoke_user": {"POST": self.unrevoke_user},
+            "/revoke_user": {"POST": functools.partial(self.set_revoked, True)},
+            "/unrevoke_user": {"POST": functools.partial(self.set_revoked, False)},
             "/list_users": {"POST": self.list_users},
             "/get_user": {"POST": self.get_user},
             "/update_user": {"POST": self.update_user},
@@ -1530,11 +1499,9 @@ class App:
         self.auth.check_admin(body, req.client)
         username = text_field(body, "username")
         password = password_field(body, self.password_checker)
-        tenant = text_field(body, "tenant_name")
-        email = email_field(body)
-        scopes = scopes_field(body)
+        fields = {name: check(body) for name, check in ACCOUNT_FIELDS.items()}
         user = User(str(uuid.uuid4()), username, await self.auth.hash(password), False,
-                    tenant, email, scopes, body.get("data"), 0)
+                    tokens_valid_after=0, **fields)
         try:
             await self.store.create_user(user)
         except UsernameTaken:
@@ -1545,9 +1512,7 @@ class App:
     async def login(self, req: Request) -> Response:
         body = read_json(req)
         username = text_field(body, "username")  # 1-64 characters, as at create_user
-        password = body.get("password")
-        if not isinstance(password, str):
-            raise HTTPError(400, "password is required and must be a string")
+        password = string_field(body, "password")
         user = await self.auth.check_password(username, password, req.client)
         token = await self.auth.issue_jwt(user)
         self.auth.current(user)  # not revoked, nor the password changed, while it was checked
@@ -1562,7 +1527,8 @@ class App:
     async def insert(self, req: Request) -> Response:
         user = await self.auth.authenticate(req)
         body = read_json(req)
-        name = event_name_field(body)
+        # A CR or LF in the name would inject SSE fields into every subscriber's stream.
+        name = text_field(body, "event", max_len=256)
         if "data" not in body:
             raise HTTPError(400, "data is required (any JSON value)")
         data = compact_json(body["data"]).decode()
@@ -1655,28 +1621,38 @@ class App:
     def _admin_target(self, req: Request) -> tuple[dict[str, Any], str]:
         body = read_json(req)
         self.auth.check_admin(body, req.client)
-        username = body.get("username")
-        if not isinstance(username, str):
-            raise HTTPError(400, "username is required and must be a string")
-        return body, username
+        return body, string_field(body, "username")
 
     async def _change_user(self, username: str, changes: dict[str, Any]) -> User:
-        user = await self.store.update_user(username, changes)
+        """Apply an admin's changes to a user. Its streams end when what they may carry
+        changes (another tenant, or other scopes with --enforce_scopes) or its credentials
+        do (revoked, a new password); they reconnect with the new state."""
+        before = await self.auth.user(username)
+        if before is None:
+            raise HTTPError(404, f"no user named {username!r}")
+        after = replace(before, **changes)
+        access = after.tenant_name != before.tenant_name \
+            or (self.config.enforce_scopes and after.scopes != before.scopes)
+        if access:
+            # Nothing more may reach the streams once the change commits, so their
+            # Last-Event-ID stays at or before the id the change records
+            # (Engine.update_user), and their resume gets the new state.
+            self.hub.mute_user(username)
+        try:
+            user = await self.store.update_user(username, changes)
+        finally:
+            if access or after.revoked or after.password_hash != before.password_hash:
+                self.hub.end_user(username)
         if user is None:
             raise HTTPError(404, f"no user named {username!r}")
         self.auth.remember(user)
         return user
 
-    async def revoke_user(self, req: Request) -> Response:
+    async def set_revoked(self, revoked: bool, req: Request) -> Response:
+        """/revoke_user and /unrevoke_user."""
         _, username = self._admin_target(req)
-        await self._change_user(username, {"revoked": True})
-        self.hub.end_user(username)
-        return reply({"username": username, "revoked": True})
-
-    async def unrevoke_user(self, req: Request) -> Response:
-        _, username = self._admin_target(req)
-        await self._change_user(username, {"revoked": False})
-        return reply({"username": username, "revoked": False})
+        await self._change_user(username, {"revoked": revoked})
+        return reply({"username": username, "revoked": revoked})
 
     async def list_users(self, req: Request) -> Response:
         self.auth.check_admin(read_json(req), req.client)
@@ -1691,36 +1667,13 @@ class App:
 
     async def update_user(self, req: Request) -> Response:
         body, username = self._admin_target(req)
-        changes: dict[str, Any] = {}
-        if "tenant_name" in body:
-            changes["tenant_name"] = text_field(body, "tenant_name")
-        if "email" in body:
-            changes["email"] = email_field(body)
-        if "scopes" in body:
-            changes["scopes"] = scopes_field(body)
-        if "data" in body:
-            changes["data"] = body["data"]
-        password = password_field(body, self.password_checker) if "password" in body else None
-        if password is not None:
+        changes = {name: check(body) for name, check in ACCOUNT_FIELDS.items() if name in body}
+        if "password" in body:
+            password = password_field(body, self.password_checker)
             changes["password_hash"] = await self.auth.hash(password)
             # Void every JWT issued up to and including this second.
             changes["tokens_valid_after"] = int(time.time()) + 1
-        before = await self.auth.user(username)
-        rescoped = self.config.enforce_scopes and before is not None \
-            and changes.get("scopes", before.scopes) != before.scopes
-        moving = before is not None and changes.get("tenant_name", before.tenant_name) \
-            != before.tenant_name
-        if moving or rescoped:
-            # What the user's streams may carry changes: nothing more may reach them once the
-            # change commits, so their Last-Event-ID stays at or before the id the change
-            # records (Engine.update_user), and their resume gets the new state.
-            self.hub.mute_user(username)
-        try:
-            user = await self._change_user(username, changes)
-        finally:
-            if moving or rescoped or password is not None:
-                self.hub.end_user(username)  # they reconnect with the new state
-        return reply(user_object(user))
+        return reply(user_object(await self._change_user(username, changes)))
 
 
 def stream_head(origin: str, chunked: bool) -> bytes:
@@ -1732,7 +1685,9 @@ def stream_head(origin: str, chunked: bool) -> bytes:
 
 
 def last_event_id(req: Request) -> int | None:
-    header, query = req.headers.get("last-event-id"), (req.args("last_event_id") or [""])[-1]
+    # Blank (whitespace only, Unicode's too: a latin-1 NBSP, say) is the same as no id.
+    header = req.headers.get("last-event-id", "").strip()
+    query = (req.args("last_event_id") or [""])[-1].strip()
     for raw in (header, query):  # both validated; the header wins when both are given
         # isascii: str.isdigit() is also true for "²", which int() refuses.
         if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
@@ -1749,7 +1704,7 @@ def last_event_id(req: Request) -> int | None:
 
 class Connection(asyncio.Protocol):
     __slots__ = ("app", "body", "client", "http", "reading", "request", "started", "timer",
-                 "transport", "write_paused")
+                 "transport")
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -1762,7 +1717,6 @@ class Connection(asyncio.Protocol):
         self.reading = False  # a request has begun arriving and is not complete
         self.request: h11.Request | None = None
         self.body = bytearray()
-        self.write_paused = False
         self.started = 0.0
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -1772,7 +1726,7 @@ class Connection(asyncio.Protocol):
         self.client = peer[0] if isinstance(peer, tuple) else "local"
         self.app.connections.add(self)
         if len(self.app.connections) > self.app.config.max_connections:
-            self.reject(503, "too many connections; try again", [("retry-after", "5")])
+            self.reject(HTTPError(503, "too many connections; try again", [("retry-after", "5")]))
             return
         # Small: a client that pipelines requests without reading their answers is held to
         # this much before broker reads no further (an event stream gets --max_buffer).
@@ -1790,10 +1744,7 @@ class Connection(asyncio.Protocol):
         self.process()
 
     def eof_received(self) -> bool:
-        if self.http is None:
-            return False
-        self.http.receive_data(b"")
-        self.process()
+        self.data_received(b"")  # to h11, the end of the data
         # Keep our side open to answer a request that ended with the EOF; TLS has no half
         # close (and asyncio warns, once per connection, at a True).
         return self.transport.get_extra_info("sslcontext") is None
@@ -1802,13 +1753,10 @@ class Connection(asyncio.Protocol):
         self.app.connections.discard(self)
         self.disarm_timer()
 
-    def pause_writing(self) -> None:
-        # The kernel is not taking our bytes and the buffer passed --max_buffer.
-        self.write_paused = True
-
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.http is not None and self.request is None:  # between requests: read on
+        """Read on, between requests: asyncio calls this once the client has taken most of
+        the answers that had passed HTTP_BUFFER, next_request when they are within it."""
+        if self.http is not None and self.request is None:
             self.transport.resume_reading()
             self.process()
 
@@ -1827,7 +1775,7 @@ class Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size():
             self.transport.abort()  # a client that does not read: close() would wait for it
         elif self.reading:
-            self.reject(408, "request not received in time")
+            self.reject(HTTPError(408, "request not received in time"))
         else:
             self.transport.close()  # an idle keep-alive connection
 
@@ -1836,39 +1784,39 @@ class Connection(asyncio.Protocol):
         """Pull h11 events until a request is complete, more data is needed, or it failed.
 
         Garbage from the client ends as RemoteProtocolError: answer it and close, since a
-        broken byte stream cannot be trusted to find the next request's start."""
+        broken byte stream cannot be trusted to find the next request's start. So does a
+        request over a bound (HTTPError)."""
         assert self.http is not None
-        while True:
-            try:
+        try:
+            while True:
                 event = self.http.next_event()
-            except h11.RemoteProtocolError as exc:
-                # h11 hints 431 for an overlong head, 400 for most garbage, and 501 for a
-                # Transfer-Encoding it cannot decode: garbage from the client is a 4xx.
-                hint = exc.error_status_hint
-                self.reject(hint if hint < 500 else 400, f"bad request: {exc}")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                if not self.start_request(event):
+                if event is h11.NEED_DATA or event is h11.PAUSED:
                     return
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > self.app.config.max_body:
-                    self.reject(413, f"body over {self.app.config.max_body} bytes")
+                if isinstance(event, h11.Request):
+                    self.start_request(event)
+                elif isinstance(event, h11.Data):
+                    self.body += event.data
+                    if len(self.body) > self.app.config.max_body:
+                        raise HTTPError(413, f"body over {self.app.config.max_body} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    self.disarm_timer()
+                    self.transport.pause_reading()  # one request at a time; pipelined ones wait
+                    task = asyncio.ensure_future(self.respond())
+                    self.app.in_flight.add(task)
+                    task.add_done_callback(self.app.in_flight.discard)
                     return
-            elif isinstance(event, h11.EndOfMessage):
-                self.disarm_timer()
-                self.transport.pause_reading()  # one request at a time; pipelined ones wait
-                task = asyncio.ensure_future(self.respond())
-                self.app.in_flight.add(task)
-                task.add_done_callback(self.app.in_flight.discard)
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
-                return
+                elif isinstance(event, h11.ConnectionClosed):
+                    self.transport.close()
+                    return
+        except h11.RemoteProtocolError as exc:
+            # h11 hints 431 for an overlong head, 400 for most garbage, and 501 for a
+            # Transfer-Encoding it cannot decode: garbage from the client is a 4xx.
+            hint = exc.error_status_hint
+            self.reject(HTTPError(hint if hint < 500 else 400, f"bad request: {exc}"))
+        except HTTPError as exc:
+            self.reject(exc)
 
-    def start_request(self, request: h11.Request) -> bool:
+    def start_request(self, request: h11.Request) -> None:
         self.request = request
         self.body = bytearray()
         self.started = time.perf_counter()
@@ -1878,30 +1826,24 @@ class Connection(asyncio.Protocol):
         head_size = len(request.method) + len(request.target) + sum(
             len(name) + len(value) + 4 for name, value in request.headers)
         if head_size > MAX_HEADER_BYTES:
-            self.reject(431, "request line and headers over 16 KiB")
-            return False
+            raise HTTPError(431, "request line and headers over 16 KiB")
         headers = dict(request.headers)
         if b"content-length" in headers and b"transfer-encoding" in headers:
             # Ambiguous framing, the stuff of request smuggling (RFC 9112 section 6.1).
-            self.reject(400, "both Content-Length and Transfer-Encoding")
-            return False
-        length = headers.get(b"content-length")
-        if length is not None and int(length) > self.app.config.max_body:
-            self.reject(413, f"body over {self.app.config.max_body} bytes")
-            return False
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if int(headers.get(b"content-length", 0)) > self.app.config.max_body:
+            raise HTTPError(413, f"body over {self.app.config.max_body} bytes")
         if self.http.they_are_waiting_for_100_continue:  # type: ignore[union-attr]
             self.transport.write(self.http.send(  # type: ignore[union-attr]
                 h11.InformationalResponse(status_code=100, headers=[])))
-        return True
 
     def make_request(self) -> Request:
         assert self.request is not None
         target = urlsplit(self.request.target.decode("ascii", "replace"))
-        headers: dict[str, str] = {}
+        values: dict[str, list[str]] = {}  # lower-case names (h11); repeated ones joined
         for name, value in self.request.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+        headers = {name: ", ".join(joined) for name, joined in values.items()}
         return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
                        parse_qsl(target.query, keep_blank_values=True), headers,
                        bytes(self.body), self.client_address(headers), self)
@@ -1919,7 +1861,7 @@ class Connection(asyncio.Protocol):
         try:
             response = await self.app.dispatch(req)
         except HTTPError as exc:
-            response = error_response(exc)
+            response = Response(exc.status, compact_json({"error": exc.message}), exc.headers)
         except StoreError as exc:
             log.error("storage failure on %s %s: %s", req.method, req.path, exc)
             response = reply({"error": "storage unavailable; try again"}, 503)
@@ -1938,7 +1880,7 @@ class Connection(asyncio.Protocol):
     def log_request(self, method: str, path: str, status: int, client: str) -> None:
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
-        self.app.metrics.count_request(route, status)
+        self.app.metrics.requests[route, status] += 1
         if not log.isEnabledFor(logging.INFO):
             return
         millis = (time.perf_counter() - self.started) * 1000
@@ -1946,19 +1888,16 @@ class Connection(asyncio.Protocol):
                  extra={"fields": {"method": method, "path": path, "status": status,
                                    "ms": round(millis, 1), "client": client}})
 
-    def base_headers(self) -> list[tuple[str, str]]:
-        return [("access-control-allow-origin", self.app.config.origin)]
-
     def send(self, method: str, response: Response) -> None:
         if self.transport.is_closing():
             return  # the client left while we worked
         assert self.http is not None
-        headers = self.base_headers() + response.headers
+        headers = [("access-control-allow-origin", self.app.config.origin), *response.headers]
         if response.status != 204:
             headers += [("content-type", response.content_type),
                         ("content-length", str(len(response.body)))]
         out = self.http.send(h11.Response(status_code=response.status, headers=headers,
-                                          reason=REASONS.get(response.status, "")))
+                                          reason=HTTPStatus(response.status).phrase))
         if response.body and method != "HEAD":
             out += self.http.send(h11.Data(data=response.body))
         out += self.http.send(h11.EndOfMessage())
@@ -1976,28 +1915,26 @@ class Connection(asyncio.Protocol):
         self.reading = bool(self.http.trailing_data[0])
         self.arm_timer(self.app.config.request_timeout if self.reading
                        else self.app.config.idle_timeout)
-        if not self.write_paused:  # else resume_writing goes on: answers wait for the client
-            self.transport.resume_reading()
-            self.process()
+        if self.transport.get_write_buffer_size() <= HTTP_BUFFER:
+            self.resume_writing()
 
-    def reject(self, status: int, message: str,
-               headers: list[tuple[str, str]] | None = None) -> None:
+    def reject(self, error: HTTPError) -> None:
         """Answer with an error and close, outside h11's state machine: used when the byte
         stream is broken, too slow, too big, or we are over capacity."""
         self.disarm_timer()
         if self.transport.is_closing():
             return
-        body = compact_json({"error": message})
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+        body = compact_json({"error": error.message})
+        head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
                 "content-type: application/json", f"content-length: {len(body)}",
                 "connection: close", f"access-control-allow-origin: {self.app.config.origin}"]
-        head += [f"{name}: {value}" for name, value in headers or []]
+        head += [f"{name}: {value}" for name, value in error.headers]
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         self.transport.close()
         path = self.request.target.split(b"?")[0].decode("ascii", "replace") \
             if self.request else "-"
         log.info("%s %s %d (closed)", self.request.method.decode() if self.request else "-",
-                 path, status)
+                 path, error.status)
         self.http = None
 
     # -- event streams --------------------------------------------------------------------
@@ -2066,8 +2003,7 @@ async def serve(config: argparse.Namespace) -> None:
     try:
         await app.start()
     except StoreError as exc:
-        log.error("%s", exc)
-        log.error("refusing to start (the database was not changed)")
+        log.error("%s; refusing to start (the database was not changed)", exc)
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
