@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -77,12 +78,9 @@ def duration(text: str) -> float:
 OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("host", str, "0.0.0.0", "address to listen on"),
     ("port", int, 8080, "port to listen on; 0 picks a free one"),
-    ("db", str, "broker.db",
-     "path of the SQLite database file, or a postgresql:// URL (several processes)"),
-    ("admin_token", str, DEFAULT_ADMIN_TOKEN,
-     "token that create_user and the other admin endpoints require; change it"),
-    ("jwt_secret", str, None,
-     "HS256 secret for JWTs; when not given, a random one is made once and kept in the db"),
+    ("db", str, "broker.db", "SQLite database file, or a postgresql:// URL (several processes)"),
+    ("admin_token", str, DEFAULT_ADMIN_TOKEN, "token of the admin endpoints; change it"),
+    ("jwt_secret", str, None, "HS256 secret for JWTs (default: a random one, kept in the db)"),
     ("jwt_expiry", int, 86400, "JWT lifetime in seconds"),
     ("origin", str, "*", "value of Access-Control-Allow-Origin (CORS)"),
     ("cert_path", str, None, "TLS certificate chain (PEM); with --key_path, serve HTTPS"),
@@ -95,33 +93,21 @@ OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("request_timeout", float, 10.0, "seconds a client has to send a whole request"),
     ("idle_timeout", float, 60.0, "seconds an idle keep-alive connection is kept"),
     ("max_connections", int, 10000, "connections served at once; more get 503"),
-    ("auth_failures", int, 20,
-     "failed logins per minute allowed for one username (three times that per address)"),
-    ("trusted_proxies", str, "",
-     "comma-separated addresses of reverse proxies whose X-Forwarded-For is believed"),
-    ("password_checker", bool, False,
-     "refuse weak passwords (zxcvbn score below 3; needs the 'passwords' extra)"),
-    ("enforce_scopes", bool, False,
-     "let users insert and receive only the events their scopes grant (NAME:post, NAME:get)"),
-    ("retention", duration, "0",
-     ("delete events older than this (45s, 90m, 12h, 30d), except the newest of each name; "
-      "0 keeps everything")),
+    ("auth_failures", int, 20, "failed logins a minute per username (x3 per address)"),
+    ("trusted_proxies", str, "", "proxy addresses (comma-separated) trusted for X-Forwarded-For"),
+    ("password_checker", bool, False, "refuse weak passwords (zxcvbn; the 'passwords' extra)"),
+    ("enforce_scopes", bool, False, "let scopes decide who may post and get what (NAME:post)"),
+    ("retention", duration, "0", "delete events older than this (30d), but each name's newest"),
     ("argon2_memory_kib", int, 19456, "Argon2id memory per password hash, in KiB"),
     ("argon2_time_cost", int, 2, "Argon2id passes over that memory"),
     ("argon2_parallelism", int, 1, "Argon2id lanes (threads) per hash"),
-    ("reuse_port", bool, False,
-     "share the port with other broker processes (SO_REUSEPORT; PostgreSQL only)"),
-    ("max_streams_per_user", int, 100,
-     "event streams one user may hold open; one more closes that user's oldest"),
-    ("cache_bytes", int, 64 << 20,
-     "bytes of encoded events kept in memory for syncs and short replays"),
-    ("fanout_slice", int, FANOUT_SLICE,
-     "subscribers a fan-out writes to before it lets other work run"),
-    ("max_inserts_per_second", int, 0,
-     "inserts one user may make per second (a burst of as many, then 429); 0: no limit"),
-    ("max_event_names", int, 10000, "distinct event names one tenant may have; 0: no limit"),
-    ("max_tenant_bytes", int, 16 << 20,
-     "bytes of one tenant's newest values (each name's length + its data's); 0: no limit"),
+    ("reuse_port", bool, False, "share the port with other processes (PostgreSQL only)"),
+    ("max_streams_per_user", int, 100, "streams one user may hold; one more ends its oldest"),
+    ("cache_bytes", int, 64 << 20, "bytes of tenants' latest and recent events kept in memory"),
+    ("fanout_slice", int, FANOUT_SLICE, "streams written to before other work may run"),
+    ("max_inserts_per_second", int, 0, "inserts a user may make per second; 0: no limit"),
+    ("max_event_names", int, 10000, "distinct event names a tenant may have; 0: no limit"),
+    ("max_tenant_bytes", int, 16 << 20, "bytes of a tenant's newest values; 0: no limit"),
 ]
 
 
@@ -439,10 +425,6 @@ def retry_frame() -> bytes:
     return b":data:event:id:\nretry:%d\n\n" % random.randint(2000, 6000)
 
 
-def _first(item: tuple) -> Any:
-    return item[0]
-
-
 class Stream(asyncio.Protocol):
     """One subscriber: the transport of a `/sse` connection, taken over from its Connection
     once the response has begun. It only writes; whatever the client sends is ignored."""
@@ -473,27 +455,23 @@ class Stream(asyncio.Protocol):
             self.transport.write(data)
 
     async def send(self, frames: list[bytes]) -> None:
-        """Write whole frames (a sync, a replay) in pieces: each once the client has taken
-        most of what came before, so a big sync holds at most about --max_buffer unsent
-        bytes here. A client that takes nothing for DRAIN_DEADLINE ends it (TimeoutError)."""
-        piece: list[bytes] = []
-        size = 0
-        for frame in frames:
-            piece.append(frame)
-            size += len(frame)
-            if size >= self.app.config.max_buffer // 2:
-                await self.send_piece(piece)
-                piece, size = [], 0
-        if piece:
-            await self.send_piece(piece)
-
-    async def send_piece(self, frames: list[bytes]) -> None:
-        data = b"".join(frames)
-        self.write(chunk(data) if self.chunked else data)
-        if self.unpaused is not None:  # over --max_buffer: wait until the client takes it
-            await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
-        if self.transport.is_closing():
-            raise ConnectionError("connection closed")
+        """Write whole frames (a sync, a replay) in pieces of about half --max_buffer, each
+        once the client has taken most of what came before: a big sync holds at most about
+        --max_buffer unsent bytes here. A client that takes nothing for DRAIN_DEADLINE ends
+        it (TimeoutError)."""
+        start = 0
+        while start < len(frames):
+            end, size = start, 0
+            while end < len(frames) and size < self.app.config.max_buffer // 2:
+                size += len(frames[end])
+                end += 1
+            data = b"".join(frames[start:end])
+            self.write(chunk(data) if self.chunked else data)
+            if self.unpaused is not None:  # over --max_buffer: wait until the client takes it
+                await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
+            if self.transport.is_closing():
+                raise ConnectionError("connection closed")
+            start = end
 
     def close(self, abort: bool = False) -> None:
         """End the stream: the terminating chunk and a close, and an abort after
@@ -506,11 +484,7 @@ class Stream(asyncio.Protocol):
             self.transport.close()
             asyncio.get_running_loop().call_later(END_DEADLINE, self.transport.abort)
 
-    # -- asyncio callbacks ----------------------------------------------------------------
-    def eof_received(self) -> bool:
-        self.app.hub.leave(self)  # the subscriber hung up: write nothing more, and close
-        return False
-
+    # -- asyncio callbacks (at the client's EOF, asyncio closes the transport) --------------
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
         self.app.hub.leave(self)
@@ -549,9 +523,6 @@ class Group:
         oldest = min((stream.position for stream in self.streams), default=self.end())
         del self.log[:oldest - self.base]
         self.base = oldest
-
-    def unsent(self, stream: Stream) -> int:
-        return sum(len(frame) for _, frame in self.log[stream.position - self.base:])
 
 
 class Writer:
@@ -635,10 +606,8 @@ class Writer:
             self.busy = False
 
     def _linger_over(self) -> None:
-        if self.due:
-            self._start_pass()
-        else:
-            self.busy = False
+        self.busy = False
+        self.kick()
 
     def unsent_data(self, group: Group, stream: Stream) -> bytes:
         """What `stream` has not been sent yet, framed for it; its position moves to the
@@ -704,7 +673,7 @@ class Tenant:
     def trim_recent(self, horizon: int) -> int:
         """Drop the recent events up to `horizon`, then the oldest while more than
         RECENT_KEPT or RECENT_BYTES are left; returns the bytes freed."""
-        cut = bisect.bisect_right(self.recent, horizon, key=_first)
+        cut = bisect.bisect_right(self.recent, horizon, key=itemgetter(0))
         freed = sum(len(item[2]) for item in self.recent[:cut])
         while cut < len(self.recent) and (len(self.recent) - cut > RECENT_KEPT
                                           or self.recent_bytes - freed > RECENT_BYTES):
@@ -723,18 +692,19 @@ class Tenant:
         every event of the tenant from the oldest of `recent` on, and above `pruned` (the
         horizon retention left)."""
         assert self.latest is not None
-        merged = sorted({(event.id, event.event, frame) for event, frame in recent}
-                        | set(self.recent))
-        self.recent = merged
-        self.recent_bytes = sum(len(item[2]) for item in merged)
+        # Publishes since the read began are here already, newer than the store's rows
+        # they do not repeat; so the store's rows go before them, in both.
+        first = self.recent[0][0] if self.recent else math.inf
+        older = [(event.id, event.event, frame) for event, frame in recent if event.id < first]
+        self.recent = older + self.recent
+        self.recent_bytes += sum(len(item[2]) for item in older)
         horizon = max(pruned, recent[0][0].id - 1) if recent else pruned
         self.trim_recent(max(self.horizon, horizon))
-        by_id = sorted([*((event.id, event.event, frame) for event, frame in latest),
-                        *((i, name, frame) for name, (i, frame) in self.latest.items())])
-        self.latest = {}
-        for event_id, name, frame in by_id:  # oldest first: the newest of a name wins
-            self.latest.pop(name, None)
-            self.latest[name] = (event_id, frame)
+        merged = {event.event: (event.id, frame) for event, frame in latest}
+        for name, entry in self.latest.items():
+            merged.pop(name, None)  # put back at the end: id order
+            merged[name] = entry
+        self.latest = merged
         self.syncs.clear()
 
     def forget(self) -> int:
@@ -758,20 +728,10 @@ class Tenant:
     def after(self, last_id: int, reads: EventNames | None) -> list[bytes] | None:
         """The frames of every event after `last_id` that `reads` allows, when `last_id` is
         one of the recent events (so every later event is here); else None."""
-        at = bisect.bisect_left(self.recent, last_id, key=_first)
+        at = bisect.bisect_left(self.recent, last_id, key=itemgetter(0))
         if at == len(self.recent) or self.recent[at][0] != last_id:
             return None
         return [frame for _, name, frame in self.recent[at + 1:] if reads is None or reads(name)]
-
-
-async def frames_in_steps(events: list[Event]) -> list[bytes]:
-    """Encode many events (a tenant's state) without holding the loop for long."""
-    frames: list[bytes] = []
-    for start in range(0, len(events), 1000):
-        if start:
-            await asyncio.sleep(0)
-        frames += [sse_frame(event) for event in events[start:start + 1000]]
-    return frames
 
 
 class Hub:
@@ -821,9 +781,8 @@ class Hub:
         """A comment frame for every live stream, through the writer like events."""
         beat = [(self.store.published.upto, HEARTBEAT)]
         for tenant in self.tenants.values():
-            for group in tenant.groups.values():
-                if group.streams:
-                    self.writer.queue(group, beat)
+            for group in tenant.groups.values():  # each has streams: see leave_group
+                self.writer.queue(group, beat)
         self.writer.kick()
 
     # -- a tenant's state ---------------------------------------------------------------
@@ -846,7 +805,9 @@ class Hub:
             # Events up to `newest` are in what was read; wait until publish() has applied
             # them too, or a later one would be applied before them.
             await asyncio.wait_for(self.store.published.reached(newest), STATE_LOAD_TIMEOUT)
-            frames = await frames_in_steps([*latest, *recent])
+            # Encoded in a thread: a tenant's 10,000 names would hold the loop for 10 ms.
+            frames = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [sse_frame(event) for event in (*latest, *recent)])
             before = tenant.size()
             tenant.load(list(zip(latest, frames)), list(zip(recent, frames[len(latest):])),
                         pruned)
@@ -879,13 +840,9 @@ class Hub:
     # -- streams ------------------------------------------------------------------------
     def join(self, stream: Stream) -> None:
         """Add a new stream to its group; it is sent what it syncs, then goes live."""
-        tenant = self.tenants.get(stream.tenant)
-        if tenant is None:
-            tenant = self.tenants[stream.tenant] = Tenant()
+        tenant = self.tenants.setdefault(stream.tenant, Tenant())
         self.idle.pop(stream.tenant, None)
-        group = tenant.groups.get(stream.reads)
-        if group is None:
-            group = tenant.groups[stream.reads] = Group()
+        group = tenant.groups.setdefault(stream.reads, Group())
         stream.position = group.end()  # the group keeps every frame from here
         group.streams[stream] = None
         streams = self.by_user.setdefault(stream.username, {})
@@ -905,11 +862,9 @@ class Hub:
         group = self.group_of(stream)
         if group is None:
             return  # it went away meanwhile
+        # If its sync took so long that it is over --max_buffer behind, its first write cuts it.
         stream.position = group.base + bisect.bisect_right(
-            group.log, covered, lo=stream.position - group.base, key=_first)
-        if group.unsent(stream) > self.config.max_buffer:
-            self.cut(stream)  # its sync took so long that it is that far behind
-            return
+            group.log, covered, lo=stream.position - group.base, key=itemgetter(0))
         stream.live = True
         if stream.position < group.end():
             self.writer.due[group] = None
@@ -967,23 +922,10 @@ class Hub:
             self.end(stream)
 
     def end_all(self) -> None:
-        """At shutdown: what the writer has not written yet first, then the end of each."""
-        for tenant in self.tenants.values():
-            for group in tenant.groups.values():
-                for stream in group.streams:
-                    if stream.live:
-                        stream.write(self.writer.unsent_data(group, stream))
-        for streams in list(self.by_user.values()):
-            for stream in list(streams):
-                self.end(stream)
-
-    def count(self, tenant: str | None = None) -> int:
-        """Streams of one tenant, or of all."""
-        if tenant is None:
-            chosen = list(self.tenants.values())
-        else:
-            chosen = [self.tenants[tenant]] if tenant in self.tenants else []
-        return sum(len(group.streams) for t in chosen for group in t.groups.values())
+        """At shutdown. A stream may end before frames that a pass had yet to write: its
+        client resumes from the last id it got."""
+        for username in list(self.by_user):
+            self.end_user(username)
 
 
 # ---------------------------------------------------------------------------------------
@@ -993,9 +935,9 @@ class Hub:
 
 class Throttle:
     """Counts failures per key in a one-minute window; over the limit, answer 429. The keys
-    come from clients (usernames, addresses): at most MAX_KEYS are kept, and over that the
-    one whose last failure is oldest goes. Filling it takes that many failed Argon2 checks,
-    or as many client addresses."""
+    come from clients (usernames, addresses): at most MAX_KEYS are kept, and at each failure
+    the keys whose last failure is oldest go while they are over that or out of the window.
+    Filling it takes that many failed Argon2 checks, or as many client addresses."""
 
     WINDOW = 60.0
     MAX_KEYS = 10_000
@@ -1016,21 +958,18 @@ class Throttle:
         now = time.monotonic()
         if now - since > self.WINDOW:
             count, since = 0, now
-        if len(self.failures) >= self.MAX_KEYS:
-            del self.failures[next(iter(self.failures))]
         self.failures[key] = (count + 1, since)
-
-    def forget_old(self) -> None:
-        cutoff = time.monotonic() - self.WINDOW
-        self.failures = {key: entry for key, entry in self.failures.items() if entry[1] >= cutoff}
+        while len(self.failures) > self.MAX_KEYS or \
+                next(iter(self.failures.values()))[1] < now - self.WINDOW:
+            del self.failures[next(iter(self.failures))]
 
 
 class InsertRate:
     """--max_inserts_per_second: a token bucket per user, holding up to `rate` inserts and
     refilled at `rate` a second. Kept as the time at which the bucket is full again (each
     insert moves it 1/rate s later; over a second ahead, the bucket is empty). A user
-    without one has a full bucket, so full ones are forgotten (forget_full, at every
-    heartbeat): one per user at most, and only for a while."""
+    without one has a full bucket, so full ones are forgotten: at each insert, those at the
+    front of the dict (the longest unused) while they are full. One per user at most."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
@@ -1047,11 +986,10 @@ class InsertRate:
             self.refusals += 1
             raise HTTPError(429, f"over {self.rate} inserts per second; try again later",
                             [("retry-after", str(math.ceil(full_at - now - 1)))])
+        self.full_at.pop(username, None)  # put back at the end
         self.full_at[username] = full_at
-
-    def forget_full(self) -> None:
-        now = time.monotonic()
-        self.full_at = {name: when for name, when in self.full_at.items() if when > now}
+        while next(iter(self.full_at.values())) <= now:
+            del self.full_at[next(iter(self.full_at))]
 
 
 class Auth:
@@ -1347,10 +1285,11 @@ class Metrics:
 
     def render(self, app: App) -> str:
         hub = app.hub
-        streaming = sorted(name for name, tenant in hub.tenants.items() if tenant.groups)
+        streaming = {name: sum(len(group.streams) for group in tenant.groups.values())
+                     for name, tenant in sorted(hub.tenants.items()) if tenant.groups}
         samples = [
             ("open_connections", "gauge", len(app.connections)),
-            ("sse_subscribers", "gauge", hub.count()),
+            ("sse_subscribers", "gauge", sum(streaming.values())),
             ("sse_tenants", "gauge", len(streaming)),
             ("events_inserted_total", "counter", self.events_inserted),
             ("frames_delivered_total", "counter", self.frames_delivered),
@@ -1368,8 +1307,8 @@ class Metrics:
         buckets = zip((*LATENCY_BUCKETS, "+Inf"), itertools.accumulate(self.insert_buckets))
         lines += [
             "# TYPE broker_sse_tenant_subscribers gauge",
-            *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} {hub.count(name)}'
-              for name in streaming),
+            *(f'broker_sse_tenant_subscribers{{tenant="{label(name)}"}} {count}'
+              for name, count in streaming.items()),
             "# TYPE broker_requests_total counter",
             *(f'broker_requests_total{{route="{route}",status="{status}"}} {count}'
               for (route, status), count in sorted(self.requests.items())),
@@ -1881,8 +1820,6 @@ class Connection(asyncio.Protocol):
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
         self.app.metrics.requests[route, status] += 1
-        if not log.isEnabledFor(logging.INFO):
-            return
         millis = (time.perf_counter() - self.started) * 1000
         log.info("%s %s %d %.1fms", method, path, status, millis,
                  extra={"fields": {"method": method, "path": path, "status": status,
@@ -1963,8 +1900,6 @@ async def heartbeats(app: App) -> None:
     while True:
         await asyncio.sleep(app.config.heartbeat)
         app.hub.heartbeat()
-        app.auth.throttle.forget_old()
-        app.auth.insert_rate.forget_full()
 
 
 PRUNE_BATCH = 500  # events deleted per write: short enough not to hold up inserts
@@ -1990,14 +1925,6 @@ async def enforce_retention(app: App) -> None:
         await asyncio.sleep(min(60.0, max(1.0, keep / 2)))
 
 
-def tls_context(config: argparse.Namespace) -> ssl.SSLContext | None:
-    if not config.cert_path:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.cert_path, config.key_path)
-    return context
-
-
 async def serve(config: argparse.Namespace) -> None:
     app = App(config)
     try:
@@ -2006,8 +1933,12 @@ async def serve(config: argparse.Namespace) -> None:
         log.error("%s; refusing to start (the database was not changed)", exc)
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
+    tls = None
+    if config.cert_path:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(config.cert_path, config.key_path)
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      ssl=tls_context(config), backlog=2048,
+                                      ssl=tls, backlog=2048,
                                       reuse_port=config.reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     scheme = "https" if config.cert_path else "http"
