@@ -430,8 +430,9 @@ class Stream(asyncio.Protocol):
     once the response has begun. It only writes; whatever the client sends is ignored."""
 
     # No per-instance dict: an idle stream is mostly this object and its transport.
-    __slots__ = ("app", "chunked", "live", "position", "reads", "tenant", "transport",
+    __slots__ = ("app", "chunked", "group", "live", "position", "reads", "tenant", "transport",
                  "unpaused", "username")
+    group: Group  # its group, set when it joins (Hub.join)
 
     def __init__(self, app: App, transport: asyncio.Transport, chunked: bool, user: User,
                  reads: EventNames | None) -> None:
@@ -551,7 +552,9 @@ class Writer:
         self.slice = fanout_slice
         # Mutable, each needed: the groups with frames a live stream lacks (the next pass);
         self.due: dict[Group, None] = {}
-        self.visits: Iterator[tuple[Group, Stream]] = iter(())  # the pass under way
+        # the streams of the pass under way (existing objects: a list of 10,000 new tuples a
+        # pass, alive for its dozens of turns, would fill the GC's oldest generation);
+        self.visits: Iterator[Stream] = iter(())
         # its joined frames: (group, position, end, chunked) -> bytes, shared by the streams
         # at that position;
         self.joined: dict[tuple[Group, int, int, bool], bytes] = {}
@@ -577,7 +580,7 @@ class Writer:
         for group in groups:
             group.trim()
             end = group.end()
-            visits += [(group, stream) for stream in group.streams
+            visits += [stream for stream in group.streams
                        if stream.live and stream.position < end]
         self.visits = iter(visits)
         self.pass_started = time.monotonic()
@@ -585,8 +588,8 @@ class Writer:
 
     def _slice(self) -> None:
         visited = 0
-        for group, stream in itertools.islice(self.visits, self.slice):
-            data = self.unsent_data(group, stream)
+        for stream in itertools.islice(self.visits, self.slice):
+            data = self.unsent_data(stream)
             if data:
                 stream.write(data)  # may cut it (Stream.pause_writing): the pass goes on
             visited += 1
@@ -609,9 +612,10 @@ class Writer:
         self.busy = False
         self.kick()
 
-    def unsent_data(self, group: Group, stream: Stream) -> bytes:
+    def unsent_data(self, stream: Stream) -> bytes:
         """What `stream` has not been sent yet, framed for it; its position moves to the
         end (before the write, which may cut it)."""
+        group = stream.group
         position, end = stream.position, group.end()
         if position >= end:
             return b""
@@ -842,7 +846,7 @@ class Hub:
         """Add a new stream to its group; it is sent what it syncs, then goes live."""
         tenant = self.tenants.setdefault(stream.tenant, Tenant())
         self.idle.pop(stream.tenant, None)
-        group = tenant.groups.setdefault(stream.reads, Group())
+        group = stream.group = tenant.groups.setdefault(stream.reads, Group())
         stream.position = group.end()  # the group keeps every frame from here
         group.streams[stream] = None
         streams = self.by_user.setdefault(stream.username, {})
@@ -851,9 +855,8 @@ class Hub:
             self.end_worst_stream(list(streams)[:-1])
 
     def group_of(self, stream: Stream) -> Group | None:
-        tenant = self.tenants.get(stream.tenant)
-        group = tenant.groups.get(stream.reads) if tenant else None
-        return group if group is not None and stream in group.streams else None
+        """Its group, unless it left it (muted, or gone)."""
+        return stream.group if stream in stream.group.streams else None
 
     async def go_live(self, stream: Stream, covered: int) -> None:
         """The stream has been sent everything up to `covered` (sync or replay): from its
