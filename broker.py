@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 import jwt
@@ -189,15 +189,11 @@ class HTTPError(Exception):
 class Request:
     method: str
     path: str
-    query: list[tuple[str, str]]
+    query: dict[str, list[str]]  # each parameter's values, in order
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes
     client: str
     conn: Connection
-
-    def args(self, name: str) -> list[str]:
-        """The values of a query parameter, in order."""
-        return [value for key, value in self.query if key == name]
 
 
 @dataclass(slots=True)
@@ -360,6 +356,8 @@ def both(a: EventNames | None, b: EventNames | None) -> EventNames | None:
 def event_filter(values: list[str]) -> EventNames | None:
     """The names a stream asks for with `?event=` (exact, or a prefix ending in `*`);
     None for every name."""
+    if not values:
+        return None
     if len(values) > 64:
         raise HTTPError(400, "at most 64 event filters")
     for value in values:
@@ -367,7 +365,7 @@ def event_filter(values: list[str]) -> EventNames | None:
             raise HTTPError(400, "each event filter must be 1 to 256 characters, without "
                                  "control characters")
     names = event_names(values)
-    return None if not values or "" in names.prefixes else names
+    return None if "" in names.prefixes else names
 
 
 @functools.lru_cache(maxsize=4096)
@@ -425,13 +423,26 @@ def retry_frame() -> bytes:
     return b":data:event:id:\nretry:%d\n\n" % random.randint(2000, 6000)
 
 
+def in_pieces(frames: list[bytes], size: int) -> list[bytes]:
+    """Whole frames joined into pieces of about `size` bytes (half --max_buffer): what
+    Stream.send writes at a time."""
+    pieces: list[bytes] = []
+    start = total = 0
+    for end, frame in enumerate(frames, 1):
+        total += len(frame)
+        if total >= size or end == len(frames):
+            pieces.append(b"".join(frames[start:end]))
+            start, total = end, 0
+    return pieces
+
+
 class Stream(asyncio.Protocol):
     """One subscriber: the transport of a `/sse` connection, taken over from its Connection
     once the response has begun. It only writes; whatever the client sends is ignored."""
 
     # No per-instance dict: an idle stream is mostly this object and its transport.
-    __slots__ = ("app", "chunked", "group", "live", "position", "reads", "tenant", "transport",
-                 "unpaused", "username")
+    __slots__ = ("app", "chunked", "group", "head", "live", "position", "reads", "tenant",
+                 "transport", "unpaused", "username")
     group: Group  # its group, set when it joins (Hub.join)
 
     def __init__(self, app: App, transport: asyncio.Transport, chunked: bool, user: User,
@@ -449,30 +460,24 @@ class Stream(asyncio.Protocol):
         self.unpaused: asyncio.Future[None] | None = None  # set while a sync waits to drain
         transport.set_write_buffer_limits(high=app.config.max_buffer)
         retry = retry_frame()
-        self.write(app.stream_heads[chunked] + (chunk(retry) if chunked else retry))
+        # The response head, until it goes out with the first frames (one write, not two).
+        self.head = app.stream_heads[chunked] + (chunk(retry) if chunked else retry)
 
     def write(self, data: bytes) -> None:
         if not self.transport.is_closing():  # uvloop raises on a write to a closed transport
             self.transport.write(data)
 
-    async def send(self, frames: list[bytes]) -> None:
-        """Write whole frames (a sync, a replay) in pieces of about half --max_buffer, each
-        once the client has taken most of what came before: a big sync holds at most about
-        --max_buffer unsent bytes here. A client that takes nothing for DRAIN_DEADLINE ends
-        it (TimeoutError)."""
-        start = 0
-        while start < len(frames):
-            end, size = start, 0
-            while end < len(frames) and size < self.app.config.max_buffer // 2:
-                size += len(frames[end])
-                end += 1
-            data = b"".join(frames[start:end])
-            self.write(chunk(data) if self.chunked else data)
+    async def send(self, pieces: list[bytes]) -> None:
+        """Write a sync or a replay (see in_pieces), each piece once the client has taken
+        most of what came before: a big sync holds at most about --max_buffer unsent bytes
+        here. A client that takes nothing for DRAIN_DEADLINE ends it (TimeoutError)."""
+        for piece in pieces or [b""]:  # the head goes out, whatever there is to send
+            self.write(self.head + (chunk(piece) if self.chunked and piece else piece))
+            self.head = b""
             if self.unpaused is not None:  # over --max_buffer: wait until the client takes it
                 await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
             if self.transport.is_closing():
                 raise ConnectionError("connection closed")
-            start = end
 
     def close(self, abort: bool = False) -> None:
         """End the stream: the terminating chunk and a close, and an abort after
@@ -480,8 +485,7 @@ class Stream(asyncio.Protocol):
         if abort:
             self.transport.abort()
         elif not self.transport.is_closing():
-            if self.chunked:
-                self.write(LAST_CHUNK)
+            self.write(self.head + (LAST_CHUNK if self.chunked else b""))
             self.transport.close()
             asyncio.get_running_loop().call_later(END_DEADLINE, self.transport.abort)
 
@@ -562,10 +566,6 @@ class Writer:
         self.pass_started = 0.0  # when, for the linger (monotonic: uvloop caches loop.time)
         self.request_seen = 0.0  # when the newest request arrived (Connection.start_request)
         self.inserting = 0  # inserts on their way to a commit (App.insert)
-
-    def queue(self, group: Group, frames: list[tuple[int, bytes]]) -> None:
-        group.log += frames
-        self.due[group] = None
 
     def kick(self) -> None:
         """Start a pass now, unless one is under way or the writer lingers."""
@@ -648,7 +648,7 @@ class Tenant:
         self.recent: list[tuple[int, str, bytes]] = []
         self.recent_bytes = 0
         self.horizon = 0
-        # the sync of each group, built at its first connect after a change;
+        # the sync of each group, in pieces, built at its first connect after a change;
         self.syncs: dict[EventNames | None, list[bytes]] = {}
         self.loading: asyncio.Future[None] | None = None  # a read from the store under way
 
@@ -718,16 +718,17 @@ class Tenant:
         self.syncs.clear()
         return freed
 
-    def sync(self, reads: EventNames | None) -> list[bytes]:
-        """The newest event of each name that `reads` allows, oldest first."""
+    def sync(self, reads: EventNames | None, piece: int) -> list[bytes]:
+        """The newest event of each name that `reads` allows, oldest first, in pieces."""
         assert self.latest is not None
-        frames = self.syncs.get(reads)
-        if frames is None:
+        pieces = self.syncs.get(reads)
+        if pieces is None:
             if len(self.syncs) >= 16:  # many filters: keep the memory bounded
                 self.syncs.clear()
-            frames = self.syncs[reads] = [frame for name, (_, frame) in self.latest.items()
-                                          if reads is None or reads(name)]
-        return frames
+            frames = [frame for name, (_, frame) in self.latest.items()
+                      if reads is None or reads(name)]
+            pieces = self.syncs[reads] = in_pieces(frames, piece)
+        return pieces
 
     def after(self, last_id: int, reads: EventNames | None) -> list[bytes] | None:
         """The frames of every event after `last_id` that `reads` allows, when `last_id` is
@@ -746,10 +747,9 @@ class Hub:
         self.metrics = metrics
         self.config = config
         self.writer = Writer(config.fanout_slice)
-        # Mutable, each needed: every tenant with streams or a held state;
+        # Mutable, each needed: every tenant with streams or a held state, those that lost
+        # their last stream longest ago first (evicted first);
         self.tenants: dict[str, Tenant] = {}
-        # the tenants without streams, least recently used first (evicted first);
-        self.idle: dict[str, None] = {}
         self.cached = 0  # bytes of the tenants' states, bounded by --cache_bytes
         # each user's streams, oldest first (--max_streams_per_user).
         self.by_user: dict[str, dict[Stream, None]] = {}
@@ -770,7 +770,8 @@ class Hub:
                           if reads is None or reads(event.event)]
                 if chosen:
                     self.metrics.frames_delivered += len(chosen) * len(group.streams)
-                    self.writer.queue(group, chosen)
+                    group.log += chosen
+                    self.writer.due[group] = None
         self.evict()
         self.writer.kick()
 
@@ -786,7 +787,8 @@ class Hub:
         beat = [(self.store.published.upto, HEARTBEAT)]
         for tenant in self.tenants.values():
             for group in tenant.groups.values():  # each has streams: see leave_group
-                self.writer.queue(group, beat)
+                group.log += beat
+                self.writer.due[group] = None
         self.writer.kick()
 
     # -- a tenant's state ---------------------------------------------------------------
@@ -826,12 +828,11 @@ class Hub:
     def evict(self, keep: Tenant | None = None) -> None:
         """Over --cache_bytes: drop the states of the least recently used tenants without
         streams, then of tenants with streams (their next connect reads it again)."""
-        for name in list(self.idle):
+        for name, tenant in list(self.tenants.items()):
             if self.cached <= self.config.cache_bytes:
                 return
-            tenant = self.tenants[name]
-            if tenant.loading is None:
-                del self.idle[name], self.tenants[name]
+            if not tenant.groups and tenant.loading is None:
+                del self.tenants[name]
                 self.cached -= tenant.forget()
                 self.metrics.state_evictions += 1
         for tenant in self.tenants.values():
@@ -844,9 +845,9 @@ class Hub:
     # -- streams ------------------------------------------------------------------------
     def join(self, stream: Stream) -> None:
         """Add a new stream to its group; it is sent what it syncs, then goes live."""
-        tenant = self.tenants.setdefault(stream.tenant, Tenant())
-        self.idle.pop(stream.tenant, None)
-        group = stream.group = tenant.groups.setdefault(stream.reads, Group())
+        tenant = self.tenants.get(stream.tenant) or self.tenants.setdefault(stream.tenant, Tenant())
+        group = stream.group = tenant.groups.get(stream.reads) or \
+            tenant.groups.setdefault(stream.reads, Group())
         stream.position = group.end()  # the group keeps every frame from here
         group.streams[stream] = None
         streams = self.by_user.setdefault(stream.username, {})
@@ -861,7 +862,8 @@ class Hub:
     async def go_live(self, stream: Stream, covered: int) -> None:
         """The stream has been sent everything up to `covered` (sync or replay): from its
         group's frames, it is sent what came after, then everything as it comes."""
-        await asyncio.wait_for(self.store.published.reached(covered), STATE_LOAD_TIMEOUT)
+        if covered > self.store.published.upto:
+            await asyncio.wait_for(self.store.published.reached(covered), STATE_LOAD_TIMEOUT)
         group = self.group_of(stream)
         if group is None:
             return  # it went away meanwhile
@@ -894,7 +896,7 @@ class Hub:
             if tenant.latest is None:
                 del self.tenants[stream.tenant]
             else:
-                self.idle[stream.tenant] = None
+                self.tenants[stream.tenant] = self.tenants.pop(stream.tenant)  # to the end
 
     def end(self, stream: Stream, abort: bool = False) -> None:
         self.leave(stream)
@@ -902,8 +904,7 @@ class Hub:
 
     def cut(self, stream: Stream) -> None:
         self.metrics.slow_consumers_cut += 1
-        log.warning("cut off slow subscriber %s: over %d unsent bytes", stream.username,
-                    self.config.max_buffer)
+        log.warning("cut off slow subscriber %s: over --max_buffer unsent", stream.username)
         self.end(stream, abort=True)
 
     def end_worst_stream(self, streams: list[Stream]) -> None:
@@ -915,20 +916,9 @@ class Hub:
         log.info("closing the oldest stream of %s: over --max_streams_per_user", victim.username)
         self.end(victim)
 
-    def mute_user(self, username: str) -> None:
-        """Stop sending to the user's streams, but leave them open until end_user."""
-        for stream in self.by_user.get(username, ()):
-            self.leave_group(stream)
-
     def end_user(self, username: str) -> None:
         for stream in list(self.by_user.get(username, ())):
             self.end(stream)
-
-    def end_all(self) -> None:
-        """At shutdown. A stream may end before frames that a pass had yet to write: its
-        client resumes from the last id it got."""
-        for username in list(self.by_user):
-            self.end_user(username)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1158,7 +1148,7 @@ class Auth:
 
     async def authenticate(self, req: Request, token_in_query: bool = False) -> User:
         header = req.headers.get("authorization")
-        tokens = req.args("access_token") if token_in_query else []
+        tokens = req.query.get("access_token", []) if token_in_query else []
         if header is None and tokens:
             header = "Bearer " + tokens[-1]
         if not header:
@@ -1493,7 +1483,7 @@ class App:
     async def sse(self, req: Request) -> Response:
         user = await self.auth.authenticate(req, token_in_query=True)
         last_id = last_event_id(req)
-        wanted = event_filter(req.args("event"))
+        wanted = event_filter(req.query.get("event", []))
         if req.conn.transport.is_closing():
             return STREAMING  # the client left while we checked its credentials
         user = self.auth.current(user)  # as it is now: no await from here to the join
@@ -1518,7 +1508,7 @@ class App:
         """The latest value of each name the stream reads, from memory. Returns the newest
         published id they reflect."""
         tenant, covered = await self.hub.hold(stream.tenant)
-        await stream.send(tenant.sync(stream.reads))
+        await stream.send(tenant.sync(stream.reads, self.config.max_buffer // 2))
         return covered
 
     async def replay(self, stream: Stream, user: User, after: int) -> int:
@@ -1537,7 +1527,7 @@ class App:
         tenant, covered = await self.hub.hold(stream.tenant)
         recent = tenant.after(after, stream.reads)
         if recent is not None and (user.access_changed_at or 0) < after:
-            await stream.send(recent)
+            await stream.send(in_pieces(recent, self.config.max_buffer // 2))
             return covered
         while True:
             found = await self.store.resume_page(user.username, stream.tenant, after,
@@ -1545,10 +1535,11 @@ class App:
             if found is None:
                 return await self.send_state(stream)
             page, newest = found
+            await stream.send(in_pieces([sse_frame(event) for event in page  # or the head
+                                         if stream.reads is None or stream.reads(event.event)],
+                                        self.config.max_buffer // 2))
             if not page:
                 return newest
-            await stream.send([sse_frame(event) for event in page
-                               if stream.reads is None or stream.reads(event.event)])
             after = page[-1].id
 
     # -- admin endpoints ----------------------------------------------------------------
@@ -1579,7 +1570,8 @@ class App:
             # Nothing more may reach the streams once the change commits, so their
             # Last-Event-ID stays at or before the id the change records
             # (Engine.update_user), and their resume gets the new state.
-            self.hub.mute_user(username)
+            for stream in self.hub.by_user.get(username, ()):
+                self.hub.leave_group(stream)  # open, but sent nothing more until end_user
         try:
             user = await self.store.update_user(username, changes)
         finally:
@@ -1629,7 +1621,7 @@ def stream_head(origin: str, chunked: bool) -> bytes:
 def last_event_id(req: Request) -> int | None:
     # Blank (whitespace only, Unicode's too: a latin-1 NBSP, say) is the same as no id.
     header = req.headers.get("last-event-id", "").strip()
-    query = (req.args("last_event_id") or [""])[-1].strip()
+    query = req.query.get("last_event_id", [""])[-1].strip()
     for raw in (header, query):  # both validated; the header wins when both are given
         # isascii: str.isdigit() is also true for "²", which int() refuses.
         if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
@@ -1787,7 +1779,7 @@ class Connection(asyncio.Protocol):
             values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
         headers = {name: ", ".join(joined) for name, joined in values.items()}
         return Request(self.request.method.decode("ascii", "replace"), target.path or "/",
-                       parse_qsl(target.query, keep_blank_values=True), headers,
+                       parse_qs(target.query, keep_blank_values=True), headers,
                        bytes(self.body), self.client_address(headers), self)
 
     def client_address(self, headers: dict[str, str]) -> str:
@@ -1823,6 +1815,8 @@ class Connection(asyncio.Protocol):
         # Path only: a query string may hold an access_token.
         route = path if path in self.app.routes else "other"
         self.app.metrics.requests[route, status] += 1
+        if not log.isEnabledFor(logging.INFO):
+            return
         millis = (time.perf_counter() - self.started) * 1000
         log.info("%s %s %d %.1fms", method, path, status, millis,
                  extra={"fields": {"method": method, "path": path, "status": status,
@@ -1971,7 +1965,8 @@ async def shutdown(app: App, server: asyncio.Server, grace: float = 3.0) -> None
     answer, as long as it completes within the grace period."""
     server.close()
     app.stopping = True
-    app.hub.end_all()
+    for username in list(app.hub.by_user):  # a stream ending before a pass reached it
+        app.hub.end_user(username)  # misses the last frames: its client resumes from its id
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for conn in list(app.connections):
