@@ -442,7 +442,7 @@ class Stream(asyncio.Protocol):
 
     # No per-instance dict: an idle stream is mostly this object and its transport.
     __slots__ = ("app", "chunked", "group", "head", "live", "position", "reads", "tenant",
-                 "transport", "unpaused", "username")
+                 "transport", "unpaused", "user", "username")
     group: Group  # its group, set when it joins (Hub.join)
 
     def __init__(self, app: App, transport: asyncio.Transport, chunked: bool, user: User,
@@ -450,6 +450,7 @@ class Stream(asyncio.Protocol):
         self.app = app
         self.transport = transport
         self.chunked = chunked  # HTTP/1.1 chunks, or a body that ends with the connection
+        self.user = user  # as it was when the stream began (App.account_changed)
         self.username = user.username
         self.tenant = user.tenant_name
         self.reads = reads  # the event names it receives (its group); None: every name
@@ -1398,13 +1399,13 @@ class App:
             if user is not None and name not in self.auth.users:
                 self.auth.remember(user)
             user = self.auth.users.get(name)
-            rescoped = self.config.enforce_scopes and before is not None and \
-                user is not None and before.scopes != user.scopes
-            # Also the streams that opened during the read, with `before`.
+            # Each stream against the state it began with (one that opened during the read
+            # may have the old state or the new one).
             for stream in list(self.hub.by_user.get(name, ())):
-                if user is None or user.revoked or stream.tenant != user.tenant_name \
-                        or rescoped or (before is not None
-                                        and before.password_hash != user.password_hash):
+                began = stream.user
+                if user is None or user.revoked or began.tenant_name != user.tenant_name \
+                        or began.password_hash != user.password_hash \
+                        or (self.config.enforce_scopes and began.scopes != user.scopes):
                     self.hub.end(stream)
 
     async def dispatch(self, req: Request) -> Response:
