@@ -21,15 +21,9 @@ from stream_support import RESET_ERRORS, dechunk, eventually, sequence_problems,
 from test_ops import metric
 from test_shutdown import EXIT_WITHIN, assert_exited_cleanly, replay_all
 from test_stream import (
-    CLIENTS,
-    INSERTS_PER_PUBLISHER,
-    PUBLISHERS,
-    RACE_DEADLINE,
     ResumeRace,
     drain,
-    duplicate_origins,
     open_stalled_subscriber,
-    run_threads,
 )
 
 HEARTBEAT = b":\n\n"
@@ -391,28 +385,9 @@ def test_resume_racing_inserts_is_exact_when_the_state_is_not_in_memory(make_ser
         while race.final_id is None and time.monotonic() < race.deadline:
             server.sse(evictor, headers=evictor_at).close()
 
-    publishers = [threading.Thread(target=race.publish, args=(i,), name=f"pub{i}")
-                  for i in range(PUBLISHERS)]
-    clients = [threading.Thread(target=race.follow, args=(i,), name=f"client{i}")
-               for i in range(CLIENTS)]
-    if cache == "evicted meanwhile":
-        clients.append(threading.Thread(target=evict_meanwhile, name="evictor"))
-    for thread in clients:
-        thread.start()
-    run_threads(publishers, RACE_DEADLINE)
-    race.final_id = max(race.acked, default=start_id)
-    for thread in clients:
-        thread.join(RACE_DEADLINE)
-        assert not thread.is_alive(), f"{thread.name} still running"
-
-    assert not race.errors, race.errors
-    expected = sorted(race.acked)
-    assert len(expected) == PUBLISHERS * INSERTS_PER_PUBLISHER
-    for index, seen in sorted(race.seen.items()):
-        ids = [entry[0] for entry in seen]
-        assert ids == expected, f"client {index}: " + sequence_problems(ids, expected) + \
-            "; " + duplicate_origins(seen, start_id)
-    assert race.reconnects_during_inserts >= CLIENTS * 3, race.reconnects_during_inserts
+    evicting = cache == "evicted meanwhile"
+    race.run(extra_clients=[threading.Thread(target=evict_meanwhile, name="evictor")]
+             if evicting else [])
     evictions = metric(admin_metrics(server), "broker_state_cache_evictions_total")
-    if cache == "evicted meanwhile":
+    if evicting:
         assert evictions >= 5, f"only {evictions:.0f} evictions: the race tenant stayed cached"

@@ -11,6 +11,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 from conftest import SSE, Server, bearer, parse_frame
 from stream_support import (
@@ -141,6 +142,33 @@ class ResumeRace:
         self.reconnects_during_inserts = 0
         self.deadline = time.monotonic() + RACE_DEADLINE
 
+    def run(self, extra_publishers: Sequence[threading.Thread] = (),
+            extra_clients: Sequence[threading.Thread] = ()) -> None:
+        """Race PUBLISHERS against CLIENTS that keep resuming, then check that every client
+        saw every acknowledged event once, in id order, as it was inserted."""
+        publishers = [threading.Thread(target=self.publish, args=(i,), name=f"pub{i}")
+                      for i in range(PUBLISHERS)] + list(extra_publishers)
+        clients = [threading.Thread(target=self.follow, args=(i,), name=f"client{i}")
+                   for i in range(CLIENTS)] + list(extra_clients)
+        for thread in clients:
+            thread.start()
+        run_threads(publishers, RACE_DEADLINE)
+        self.final_id = max(self.acked, default=self.start_id)
+        for thread in clients:
+            thread.join(RACE_DEADLINE)
+            assert not thread.is_alive(), f"{thread.name} still running"
+        assert not self.errors, self.errors
+        expected = sorted(self.acked)
+        assert len(expected) == PUBLISHERS * INSERTS_PER_PUBLISHER
+        for index, seen in sorted(self.seen.items()):
+            ids = [entry[0] for entry in seen]
+            assert ids == expected, f"client {index}: " + sequence_problems(ids, expected) + \
+                "; " + duplicate_origins(seen, self.start_id)
+            for event_id, event, data, _ in seen:
+                assert (event, data) == self.acked[event_id], f"client {index}, id {event_id}"
+        # The race must really have happened: clients reconnected while inserts were running.
+        assert self.reconnects_during_inserts >= CLIENTS * 3, self.reconnects_during_inserts
+
     def publish(self, index: int) -> None:
         rng = random.Random(1000 + index)
         for n in range(INSERTS_PER_PUBLISHER):
@@ -233,30 +261,7 @@ def test_resume_under_concurrent_inserts_sees_every_id_once_in_order(server):
         for n in range(30):
             server.insert(bystander, "noise", n)
 
-    publishers = [threading.Thread(target=race.publish, args=(i,), name=f"pub{i}")
-                  for i in range(PUBLISHERS)]
-    publishers.append(threading.Thread(target=foreign_inserts, name="foreign"))
-    clients = [threading.Thread(target=race.follow, args=(i,), name=f"client{i}")
-               for i in range(CLIENTS)]
-    for thread in clients:
-        thread.start()
-    run_threads(publishers, RACE_DEADLINE)
-    race.final_id = max(race.acked, default=start_id)
-    for thread in clients:
-        thread.join(RACE_DEADLINE)
-        assert not thread.is_alive(), f"{thread.name} still running"
-
-    assert not race.errors, race.errors
-    expected = sorted(race.acked)
-    assert len(expected) == PUBLISHERS * INSERTS_PER_PUBLISHER
-    for index, seen in sorted(race.seen.items()):
-        ids = [entry[0] for entry in seen]
-        assert ids == expected, f"client {index}: " + sequence_problems(ids, expected) + \
-            "; " + duplicate_origins(seen, start_id)
-        for event_id, event, data, _ in seen:
-            assert (event, data) == race.acked[event_id], f"client {index}, id {event_id}"
-    # The race must really have happened: clients reconnected while inserts were running.
-    assert race.reconnects_during_inserts >= CLIENTS * 3, race.reconnects_during_inserts
+    race.run(extra_publishers=[threading.Thread(target=foreign_inserts, name="foreign")])
 
 
 # -- access_token for the browser's EventSource -------------------------------------------
