@@ -46,7 +46,7 @@ import h11
 import jwt
 
 import store
-from store import Engine, Event, QuotaExceeded, StoreError, User, UsernameTaken
+from store import Engine, Event, Pruned, QuotaExceeded, StoreError, User, UsernameTaken
 
 if TYPE_CHECKING:
     import argon2
@@ -408,7 +408,7 @@ RECENT_LOADED = 100  # a tenant's newest events read when its state is loaded
 RECENT_KEPT = 1000  # events of a tenant's recent past kept at most, and at most RECENT_BYTES
 RECENT_BYTES = 256 * 1024
 STATE_LOAD_TIMEOUT = 10.0
-DRAIN_DEADLINE = 5.0  # a sync or replay piece the client does not take in this time ends it
+DRAIN_DEADLINE = 5.0  # a sync or replay the client takes nothing of for this long ends
 END_DEADLINE = 5.0  # a stream broker ends is aborted if its last bytes are not taken by then
 
 
@@ -471,14 +471,20 @@ class Stream(asyncio.Protocol):
     async def send(self, pieces: list[bytes]) -> None:
         """Write a sync or a replay (see in_pieces), each piece once the client has taken
         most of what came before: a big sync holds at most about --max_buffer unsent bytes
-        here. A client that takes nothing for DRAIN_DEADLINE ends it (TimeoutError)."""
+        here. A client that takes nothing for DRAIN_DEADLINE ends it (TimeoutError); a slow
+        one that keeps reading is waited for (uvloop resumes writing only once its buffer is
+        written out, which on a slow link takes longer than that)."""
         for piece in pieces or [b""]:  # the head goes out, whatever there is to send
             self.write(self.head + (chunk(piece) if self.chunked and piece else piece))
             self.head = b""
-            if self.unpaused is not None:  # over --max_buffer: wait until the client takes it
-                await asyncio.wait_for(asyncio.shield(self.unpaused), DRAIN_DEADLINE)
-            if self.transport.is_closing():
-                raise ConnectionError("connection closed")
+            while self.unpaused is not None:  # over --max_buffer: wait while the client takes it
+                unsent = self.transport.get_write_buffer_size()
+                await asyncio.wait([self.unpaused], timeout=DRAIN_DEADLINE)
+                if self.transport.get_write_buffer_size() >= unsent:  # no progress: give up
+                    raise TimeoutError(f"the client took nothing for {DRAIN_DEADLINE} s")
+            # Its group keeps what comes meanwhile for it: at most --max_buffer of that either.
+            if self.transport.is_closing() or self.group.held(self) > self.app.config.max_buffer:
+                raise ConnectionError("connection closed, or too slow to sync")
 
     def close(self, abort: bool = False) -> None:
         """End the stream: the terminating chunk and a close, and an abort after
@@ -523,6 +529,9 @@ class Group:
 
     def end(self) -> int:
         return self.base + len(self.log)
+
+    def held(self, stream: Stream) -> int:
+        return sum(len(frame) for _, frame in self.log[stream.position - self.base:])
 
     def trim(self) -> None:
         """Forget the frames every stream has been sent (or, syncing, does not want)."""
@@ -856,18 +865,14 @@ class Hub:
         if len(streams) > self.config.max_streams_per_user:
             self.end_worst_stream(list(streams)[:-1])
 
-    def group_of(self, stream: Stream) -> Group | None:
-        """Its group, unless it left it (muted, or gone)."""
-        return stream.group if stream in stream.group.streams else None
-
     async def go_live(self, stream: Stream, covered: int) -> None:
         """The stream has been sent everything up to `covered` (sync or replay): from its
         group's frames, it is sent what came after, then everything as it comes."""
         if covered > self.store.published.upto:
             await asyncio.wait_for(self.store.published.reached(covered), STATE_LOAD_TIMEOUT)
-        group = self.group_of(stream)
-        if group is None:
-            return  # it went away meanwhile
+        group = stream.group
+        if stream not in group.streams:
+            return  # it went away meanwhile (or was muted)
         # If its sync took so long that it is over --max_buffer behind, its first write cuts it.
         stream.position = group.base + bisect.bisect_right(
             group.log, covered, lo=stream.position - group.base, key=itemgetter(0))
@@ -885,9 +890,9 @@ class Hub:
                 del self.by_user[stream.username]
 
     def leave_group(self, stream: Stream) -> None:
-        group = self.group_of(stream)
-        if group is None:
-            return
+        group = stream.group
+        if stream not in group.streams:
+            return  # left it already (muted, or gone)
         del group.streams[stream]
         tenant = self.tenants[stream.tenant]
         if not group.streams:
@@ -1910,12 +1915,11 @@ async def enforce_retention(app: App) -> None:
     while True:
         deleted = 0
         try:
-            more = True
-            while more:
+            pruned = Pruned(0, {}, more=True)
+            while pruned.more:
                 pruned = await app.store.prune(int(time.time() - keep), PRUNE_BATCH)
                 app.hub.pruned(pruned.horizons)
                 deleted += pruned.deleted
-                more = pruned.more
         except StoreError as exc:
             log.warning("retention: pruning failed, trying again later: %s", exc)
         if deleted:

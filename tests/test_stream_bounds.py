@@ -519,3 +519,48 @@ def test_connecting_to_a_cold_tenant_of_10000_names_never_stalls_the_loop(make_s
     print(report)
     assert min(after_restart)[0] < 0.1, "the loop stalls: " + report
     assert min(over_cache)[0] < 0.1, "the loop stalls: " + report
+
+
+# -- live frames held for a stream that is still syncing ------------------------------------
+
+def test_a_stream_that_syncs_slower_than_its_tenant_inserts_is_ended(make_server):
+    # While a stream syncs, its group keeps the tenant's new events for it: those count
+    # against --max_buffer too. A client that takes its 600 KB sync at 40 KB/s while the tenant
+    # inserts 400 KB meanwhile is ended mid-sync (it resumes with Last-Event-ID), rather than
+    # have the server hold all it missed. The same client of a quiet tenant syncs whole.
+    server = make_server("--max_buffer", "65536")
+    auth = server.user(unique("slow"), tenant=unique("slow"))
+    for n in range(20):
+        assert server.insert(auth, f"state{n}", "s" * 30_000).status == 200
+
+    def slow_read(inserting: bool) -> tuple[int, bool]:
+        sock = silent_stream(server, auth)
+        sock.settimeout(0.2)
+        received, ended = 0, False
+        if inserting:
+            threading.Thread(target=lambda: [server.insert(auth, "live", "l" * 4_000)
+                                             for _ in range(100)], daemon=True).start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                ended = True
+                break
+            if not data:
+                ended = True
+                break
+            received += len(data)
+            if not inserting and received > 600_000:
+                break
+            time.sleep(0.1)  # about 40 KB/s
+        sock.close()
+        return received, ended
+
+    whole, ended = slow_read(inserting=False)
+    assert whole > 600_000 and not ended, (whole, ended, server.log[-500:])
+    cut, ended = slow_read(inserting=True)
+    assert ended and cut < 600_000, (cut, ended)
+    assert "too slow to sync" in server.log, server.log[-2000:]
