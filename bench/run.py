@@ -59,6 +59,9 @@ SCOPE_GROUPS = [["bench:get"], ["b*:get"], ["*:get"], ["bench:get", "news:get"]]
 FILTER_NAMES = tuple(f"f{i:02d}" for i in range(20))
 FILTERS = (*((f"f{2 * i:02d}", f"f{2 * i + 1:02d}") for i in range(8)), ("f16", "f17*"),
            ("f18*", "f19*"))
+# The filters scenario's kinds of run with subscribers: 1,000 unfiltered, 1,000 filtered, and
+# "tenth", 100 unfiltered, which get as many frames per event as the filtered ones.
+FILTER_MODES = ("unfiltered", "filtered", "tenth")
 SPAWN = mp.get_context("spawn")
 
 
@@ -397,13 +400,17 @@ def publish_alone(server: Server, rate: float, settings: Settings) -> dict:
             "us_per_event": round(1e6 * server_cpu / max(pub["accepted"], 1), 1)}
 
 
-def filtered_fanout(server: Server, filtered: bool, rate: float, settings: Settings) -> dict:
+def filtered_fanout(server: Server, mode: str, rate: float, settings: Settings) -> dict:
     """One run of the filters scenario: events of filter_plan() to a fresh tenant's
-    `filter_subscribers` streams, spread evenly over the FILTERS or all unfiltered. Server CPU
-    per delivered frame; lost and extra frames counted per stream against its filter."""
+    `filter_subscribers` streams, spread evenly over the FILTERS ("filtered") or all
+    unfiltered ("unfiltered"), or to a tenth as many unfiltered streams ("tenth": as many
+    frames per event as filtered, without filters). Server CPU per delivered frame; lost and
+    extra frames counted per stream against its filter."""
+    filtered = mode == "filtered"
     channel = server.new_channel()
     streams = stream_channels(channel, filtered)
-    with Subscribers(streams, settings.filter_subscribers, settings, settings.probes) as subs:
+    count = settings.filter_subscribers // (len(FILTERS) if mode == "tenth" else 1)
+    with Subscribers(streams, count, settings, settings.probes) as subs:
         subs.ask("reset")
         cpu_before = server.cpu_seconds()
         plan = filter_plan(channel, rate, settings)
@@ -417,7 +424,7 @@ def filtered_fanout(server: Server, filtered: bool, rate: float, settings: Setti
     wanted = per_stream_expected(filtered, pub)
     counts = [(wanted[k], count) for k, part in enumerate(got["counts_by_channel"])
               for count in part]
-    row.update({"mode": "filtered" if filtered else "unfiltered", "rate": rate,
+    row.update({"mode": mode, "subscribers": count, "rate": rate,
                 "publishers": plan.concurrency,
                 "lost": sum(max(0, want - count) for want, count in counts),
                 "extra": sum(max(0, count - want) for want, count in counts),
@@ -431,18 +438,18 @@ def filtered_fanout(server: Server, filtered: bool, rate: float, settings: Setti
 def filters(factory: Callable[[], Server], settings: Settings,
             profile_dir: str | None = None) -> dict:
     """For each of the filter_rates: fresh servers with unfiltered subscribers, filtered
-    ones and none (the inserts alone), in turn, filter_rounds times; compare_filters."""
+    ones, a tenth as many unfiltered ones and none (the inserts alone), in turn,
+    filter_rounds times; compare_filters."""
     results = {}
     for rate in settings.filter_rates:
-        runs: dict[str, list[dict]] = {"unfiltered": [], "filtered": [], "alone": []}
+        runs: dict[str, list[dict]] = {mode: [] for mode in FILTER_MODES + ("alone",)}
         for _ in range(settings.filter_rounds):
             for mode, rows in runs.items():
                 server = factory().start()
                 try:
                     with profiled(server, profile_dir, f"filters-{mode}-{rate:g}"):
                         rows.append(publish_alone(server, rate, settings) if mode == "alone"
-                                    else filtered_fanout(server, mode == "filtered", rate,
-                                                         settings))
+                                    else filtered_fanout(server, mode, rate, settings))
                 finally:
                     server.stop()
                 log_filter_run(rows[-1])
@@ -455,19 +462,21 @@ def log_filter_run(row: dict) -> None:
         log(f"  no subscriber: {row['us_per_event']} µs server CPU per insert, "
             f"{row['events']} events")
         return
-    log(f"  {row['mode']}: {row['us_per_frame']} µs server CPU per frame, "
+    log(f"  {row['mode']} ({row['subscribers']:,}): {row['us_per_frame']} µs server CPU "
+        "per frame, "
         f"{row['deliveries']:,} frames (expected {row['expected']:,}), lost {row['lost']}, "
         f"extra {row['extra']}, {row['frames_per_read']} frames per read")
 
 
 def compare_filters(runs: dict[str, list[dict]]) -> dict:
-    """The cheapest run of each kind and filtered ÷ unfiltered of the cheapest and of the
-    median runs, by server CPU per frame as measured ("gross") and without the inserts'
-    own CPU ("net": the median CPU per event of the runs without subscribers, times the
-    run's events, taken out). The inserts cost the same in both runs but are spread over a
-    tenth as many frames when filtered; net compares the delivery alone."""
+    """The cheapest run of each kind and filtered ÷ unfiltered (and filtered ÷ tenth) of the
+    cheapest and of the median runs, by server CPU per frame as measured ("gross") and
+    without the inserts' own CPU ("net": the median CPU per event of the runs without
+    subscribers, times the run's events, taken out). The inserts cost the same in every run
+    but are spread over a tenth as many frames when filtered; net compares the delivery
+    alone, and filtered ÷ tenth compares runs with as many frames per event."""
     per_event = median(row["server_cpu_s"] / max(row["events"], 1) for row in runs["alone"])
-    for row in runs["unfiltered"] + runs["filtered"]:
+    for row in [row for mode in FILTER_MODES for row in runs[mode]]:
         net = row["server_cpu_s"] - per_event * row["events"]
         row["net_us_per_frame"] = round(1e6 * net / row["deliveries"], 2) \
             if row["deliveries"] else None
@@ -476,15 +485,16 @@ def compare_filters(runs: dict[str, list[dict]]) -> dict:
                  "insert_us": round(per_event * 1e6, 1)}
     for metric, prefix in (("us_per_frame", ""), ("net_us_per_frame", "net_")):
         costs = {mode: [row[metric] for row in runs[mode] if row[metric]]
-                 for mode in ("unfiltered", "filtered")}
-        both = costs["filtered"] and costs["unfiltered"]
+                 for mode in FILTER_MODES}
         for mode, values in costs.items():
             out[f"{prefix}{mode}_us"] = min(values) if values else None
-        out[f"{prefix}filtered_vs_unfiltered"] = round(
-            min(costs["filtered"]) / min(costs["unfiltered"]), 3) if both else None
-        out[f"{prefix}median_filtered_vs_unfiltered"] = round(
-            median(costs["filtered"]) / median(costs["unfiltered"]), 3) if both else None
-    for mode in ("unfiltered", "filtered"):
+        for peer in ("unfiltered", "tenth"):
+            both = costs["filtered"] and costs[peer]
+            out[f"{prefix}filtered_vs_{peer}"] = round(
+                min(costs["filtered"]) / min(costs[peer]), 3) if both else None
+            out[f"{prefix}median_filtered_vs_{peer}"] = round(
+                median(costs["filtered"]) / median(costs[peer]), 3) if both else None
+    for mode in FILTER_MODES:
         out[f"{mode}_frames_per_read"] = median(row["frames_per_read"] for row in runs[mode])
     return out
 
