@@ -540,6 +540,10 @@ class Group:
         self.base = oldest
 
 
+# A pass's joined frames: (group, position, end, chunked) -> bytes (Writer.unsent_data).
+Joined = dict[tuple[Group, int, int, bool], bytes]
+
+
 class Writer:
     """The hub's one schedule for writing the groups' frames to their live streams.
 
@@ -559,21 +563,13 @@ class Writer:
     fan-out writer", "The delivery path rebuilt").
     """
 
-    __slots__ = ("busy", "due", "inserting", "joined", "pass_started", "request_seen", "slice",
-                 "visits")
+    __slots__ = ("busy", "due", "inserting", "request_seen", "slice")
 
     def __init__(self, fanout_slice: int) -> None:
         self.slice = fanout_slice
         # Mutable, each needed: the groups with frames a live stream lacks (the next pass);
         self.due: dict[Group, None] = {}
-        # the streams of the pass under way (existing objects: a list of 10,000 new tuples a
-        # pass, alive for its dozens of turns, would fill the GC's oldest generation);
-        self.visits: Iterator[Stream] = iter(())
-        # its joined frames: (group, position, end, chunked) -> bytes, shared by the streams
-        # at that position;
-        self.joined: dict[tuple[Group, int, int, bool], bytes] = {}
         self.busy = False  # a pass or a linger is under way: publish() only queues
-        self.pass_started = 0.0  # when, for the linger (monotonic: uvloop caches loop.time)
         self.request_seen = 0.0  # when the newest request arrived (Connection.start_request)
         self.inserting = 0  # inserts on their way to a commit (App.insert)
 
@@ -585,33 +581,34 @@ class Writer:
 
     def _start_pass(self) -> None:
         groups, self.due = self.due, {}
-        self.joined.clear()
         visits = []
         for group in groups:
             group.trim()
             end = group.end()
             visits += [stream for stream in group.streams
                        if stream.live and stream.position < end]
-        self.visits = iter(visits)
-        self.pass_started = time.monotonic()
-        self._slice()
+        # The pass's own state goes from slice to slice with it, and is freed when it ends:
+        # the streams left to visit (existing objects: a list of 10,000 new tuples a pass,
+        # alive for its dozens of turns, would fill the GC's oldest generation), its joined
+        # frames (see unsent_data) and when it began (monotonic: uvloop caches loop.time).
+        self._slice(iter(visits), {}, time.monotonic())
 
-    def _slice(self) -> None:
+    def _slice(self, visits: Iterator[Stream], joined: Joined, started: float) -> None:
         visited = 0
-        for stream in itertools.islice(self.visits, self.slice):
-            data = self.unsent_data(stream)
+        for stream in itertools.islice(visits, self.slice):
+            data = self.unsent_data(stream, joined)
             if data:
                 stream.write(data)  # may cut it (Stream.pause_writing): the pass goes on
             visited += 1
         if visited == self.slice:
-            asyncio.get_running_loop().call_soon(self._slice)
+            asyncio.get_running_loop().call_soon(self._slice, visits, joined, started)
         else:
-            self._pass_over()
+            self._pass_over(started)
 
-    def _pass_over(self) -> None:
+    def _pass_over(self, started: float) -> None:
         loop = asyncio.get_running_loop()
-        if self.inserting or self.request_seen > self.pass_started:
-            took = time.monotonic() - self.pass_started
+        if self.inserting or self.request_seen > started:
+            took = time.monotonic() - started
             loop.call_later(min(took, LINGER), self._linger_over)
         elif self.due:
             loop.call_soon(self._start_pass)
@@ -622,19 +619,21 @@ class Writer:
         self.busy = False
         self.kick()
 
-    def unsent_data(self, stream: Stream) -> bytes:
+    @staticmethod
+    def unsent_data(stream: Stream, joined: Joined) -> bytes:
         """What `stream` has not been sent yet, framed for it; its position moves to the
-        end (before the write, which may cut it)."""
+        end (before the write, which may cut it). The joined frames of one position are
+        shared by the streams at it."""
         group = stream.group
         position, end = stream.position, group.end()
         if position >= end:
             return b""
         stream.position = end
         key = (group, position, end, stream.chunked)
-        data = self.joined.get(key)
+        data = joined.get(key)
         if data is None:
             data = b"".join(frame for _, frame in group.log[position - group.base:])
-            data = self.joined[key] = chunk(data) if stream.chunked else data
+            data = joined[key] = chunk(data) if stream.chunked else data
         return data
 
 
