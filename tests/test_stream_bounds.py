@@ -179,6 +179,21 @@ def close_all(socks: list[socket.socket]) -> None:
 STREAMS = 10
 
 
+def assert_bounded(what: str, held_whole: str, baseline: int, peak: int, after: int,
+                   allowed: int, gone: float | None) -> None:
+    """The server's RSS grew at most `allowed` while silent streams were sent something
+    big, it gave the memory back, and the connections were gone in time."""
+    growth, kept = peak - baseline, after - baseline
+    report = (f"RSS baseline {mib(baseline)}, peak +{mib(growth)} (allowed {mib(allowed)}), "
+              f"after +{mib(kept)}; connections gone after "
+              f"{'never' if gone is None else f'{gone:.1f} s'}")
+    print(f"\n{what}: {report}")
+    assert growth <= allowed, f"{held_whole}: {report}"
+    assert gone is not None, (f"connections still open {DRAIN_DEADLINE + GONE_WITHIN:.0f} s "
+                              "after connecting: " + report)
+    assert kept <= SLACK, "memory not given back: " + report
+
+
 def test_a_big_sync_to_clients_that_never_read_costs_about_max_buffer_each(make_server):
     # 8 latest values of 1 MB, 10 streams that never read: the server may hold about
     # --max_buffer of each stream's sync, not the whole 8 MB, and once it gives up on them
@@ -199,16 +214,8 @@ def test_a_big_sync_to_clients_that_never_read_costs_about_max_buffer_each(make_
     finally:
         sampler.stop()
         close_all(socks)
-    growth, kept = peak - baseline, after - baseline
-    allowed = STREAMS * 2 * MAX_BUFFER + SLACK
-    report = (f"RSS baseline {mib(baseline)}, peak +{mib(growth)} (allowed {mib(allowed)}), "
-              f"after +{mib(kept)}; connections gone after "
-              f"{'never' if gone is None else f'{gone:.1f} s'}")
-    print(f"\nbig sync, {STREAMS} silent streams: {report}")
-    assert growth <= allowed, "the server holds each stream's whole sync: " + report
-    assert gone is not None, (f"connections still open {DRAIN_DEADLINE + GONE_WITHIN:.0f} s "
-                              "after connecting: " + report)
-    assert kept <= SLACK, "memory not given back: " + report
+    assert_bounded(f"big sync, {STREAMS} silent streams", "the server holds each stream's "
+                   "whole sync", baseline, peak, after, STREAMS * 2 * MAX_BUFFER + SLACK, gone)
 
 
 # -- a replay -------------------------------------------------------------------------------
@@ -248,18 +255,10 @@ def test_a_big_replay_to_a_client_that_never_reads_costs_about_max_buffer(make_s
     finally:
         sampler.stop()
         sock.close()
-    growth, kept = peak - baseline, after - baseline
     # A page bounded by bytes as rows, as frames and chunked, the next page read ahead, the
     # write buffer: a few --max_buffer, not the 40 MB.
-    allowed = 6 * MAX_BUFFER + SLACK
-    report = (f"RSS baseline {mib(baseline)}, peak +{mib(growth)} (allowed {mib(allowed)}), "
-              f"after +{mib(kept)}; connection gone after "
-              f"{'never' if gone is None else f'{gone:.1f} s'}")
-    print(f"\nbig replay, one silent stream, state {state}: {report}")
-    assert growth <= allowed, "the replay is held whole: " + report
-    assert gone is not None, (f"connection still open {DRAIN_DEADLINE + GONE_WITHIN:.0f} s "
-                              "after connecting: " + report)
-    assert kept <= SLACK, "memory not given back: " + report
+    assert_bounded(f"big replay, one silent stream, state {state}", "the replay is held whole",
+                   baseline, peak, after, 6 * MAX_BUFFER + SLACK, gone)
 
 
 # -- streams that broker ends ---------------------------------------------------------------
